@@ -1,0 +1,137 @@
+"""EquiformerV2: the plugin against fairchem 1.10's implementation on the same weights.
+
+Measures, on a batch of ~80-atom OC20-like slabs: inference (no grad), a training step
+(forward, energy + force loss, backward), and the peak memory of each, then prints the ratios.
+Every (implementation, mode) runs in a fresh subprocess so that its peak resident memory is its
+own (CPU allocations are invisible to torch's memory statistics).
+
+    python benchmarks/bench_equiformer_v2.py --model 31M --structures 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    "tiny": dict(num_layers=2, lmax_list=[2], mmax_list=[1], sphere_channels=32, attn_hidden_channels=16,
+                 attn_alpha_channels=16, ffn_hidden_channels=32, edge_channels=32),
+    "31M": dict(num_layers=8, lmax_list=[4], mmax_list=[2]),
+    "83M": dict(num_layers=12, lmax_list=[6], mmax_list=[2]),
+}  # fmt: skip
+RELEASED = dict(
+    use_pbc=True, otf_graph=True, max_neighbors=20, max_radius=12.0, max_num_elements=90,
+    sphere_channels=128, attn_hidden_channels=64, num_heads=8, attn_alpha_channels=64,
+    attn_value_channels=16, ffn_hidden_channels=128, norm_type="layer_norm_sh", grid_resolution=18,
+    edge_channels=128, use_grid_mlp=True, use_sep_s2_act=True, use_attn_renorm=True,
+    alpha_drop=0.0, drop_path_rate=0.0, proj_drop=0.0,
+)  # fmt: skip
+
+
+def slabs(count: int):
+    import numpy as np
+    from ase.build import add_adsorbate, fcc111, molecule
+
+    out = []
+    metals = ["Cu", "Pt", "Ag", "Pd", "Ni", "Au"]
+    for i in range(count):
+        slab = fcc111(metals[i % len(metals)], size=(4, 4, 5), vacuum=8.0)
+        add_adsorbate(slab, molecule("CO"), height=1.9, position="fcc")
+        slab.rattle(0.05, seed=i)
+        slab.pbc = True
+        slab.set_tags(np.ones(len(slab), dtype=int))
+        out.append(slab)
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+    from fairchem.core.datasets import data_list_collater
+    from fairchem.core.models.equiformer_v2.equiformer_v2_deprecated import EquiformerV2 as Reference
+    from fairchem.core.preprocessing import AtomsToGraphs
+
+    from fairchem_equiformers import EquiformerV2
+
+    torch.set_num_threads(args.threads)
+    config = {**RELEASED, **PRESETS[args.model]}
+    torch.manual_seed(0)
+    reference = Reference(**config)
+    if args.impl == "ours":
+        model = EquiformerV2(**config)
+        model.load_state_dict(reference.state_dict())
+        del reference
+    else:
+        model = reference
+    converter = AtomsToGraphs(r_edges=False, r_pbc=True)
+    batch = data_list_collater([converter.convert(a) for a in slabs(args.structures)])
+    natoms = int(batch.natoms.sum())
+
+    def step():
+        if args.mode == "inference":
+            model.eval()
+            with torch.no_grad():
+                model(batch)
+        else:
+            model.train()
+            model.zero_grad(set_to_none=True)
+            out = model(batch)
+            loss = out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()
+            loss.backward()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "seconds": min(times),
+        "atoms_per_second": natoms / min(times),
+        "peak_mib": (peak - rss_before) / 1024,
+        "natoms": natoms,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(PRESETS), default="31M")
+    parser.add_argument("--structures", type=int, default=2, help="~82-atom slabs per batch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.impl, args.mode = args.worker
+        print(json.dumps(worker(args)))
+        return
+
+    results = {}
+    for mode in ("inference", "train"):
+        for impl in ("reference", "ours"):
+            cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
+                   "--structures", str(args.structures), "--repeats", str(args.repeats),
+                   "--threads", str(args.threads)]  # fmt: skip
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[(impl, mode)] = json.loads(out.strip().splitlines()[-1])
+    first = results[("ours", "inference")]
+    print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
+          f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
+    print(f"{'mode':<10} {'impl':<10} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
+    for mode in ("inference", "train"):
+        for impl in ("reference", "ours"):
+            r = results[(impl, mode)]
+            print(f"{mode:<10} {impl:<10} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}")
+        ref, ours = results[("reference", mode)], results[("ours", mode)]
+        print(f"{mode:<10} {'ratio':<10} speed-up x{ref['seconds'] / ours['seconds']:.2f}, "
+              f"memory x{ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f} of reference")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

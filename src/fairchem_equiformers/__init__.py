@@ -1,0 +1,11 @@
+"""fairchem-equiformers: the Equiformer family of interatomic potentials as a FairChem plugin.
+
+Importing the package registers its models with fairchem's registry under their full class
+paths (e.g. ``fairchem_equiformers.EquiformerV2``), so the same name works in a config for the
+stock ``fairchem`` CLI (which imports the package on demand) and in Python after import.
+"""
+
+from .equiformer_v2 import EquiformerV2
+
+__all__ = ["EquiformerV2"]
+__version__ = "0.1.0"

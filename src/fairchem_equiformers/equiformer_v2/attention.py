@@ -1,0 +1,191 @@
+"""Equivariant graph attention built on SO(2) convolutions (EquiformerV2, Liao et al. 2023).
+
+Per edge: concatenate source and target features, rotate them into the edge frame, SO(2)
+convolution weighted by a radial MLP, then (i) attention logits from invariant outputs with
+attention re-normalisation (LayerNorm, SmoothLeakyReLU, dot product per head, softmax over the
+target's edges) and (ii) values through an S2 (or gate) activation and a second SO(2)
+convolution. Weighted values are rotated back, summed per target and projected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fairchem_equiformers.primitives import (
+    EdgeRotation,
+    GateActivation,
+    RadialMLP,
+    S2Activation,
+    S2Grid,
+    SeparableS2Activation,
+    SmoothLeakyReLU,
+    SO2Convolution,
+    SO3Linear,
+    SphericalLayout,
+    graph_softmax,
+)
+
+
+@dataclass
+class EdgeContext:
+    """Everything about the edges of a batch that every layer reuses.
+
+    ``edge_index: [2, E]`` (source, target); ``edge_scalars: [E, F]`` invariant edge inputs
+    (distance basis, and the shared atom embeddings when those are enabled);
+    ``source_z, target_z: [E]``; ``rotation``: the per-edge Wigner blocks."""
+
+    edge_index: torch.Tensor
+    edge_scalars: torch.Tensor
+    source_z: torch.Tensor
+    target_z: torch.Tensor
+    rotation: EdgeRotation
+    num_nodes: int
+
+
+def element_embedding(max_num_elements: int, channels: int) -> nn.Embedding:
+    """An element embedding for edge scalars, initialised near zero."""
+    embedding = nn.Embedding(max_num_elements, channels)
+    nn.init.uniform_(embedding.weight, -0.001, 0.001)
+    return embedding
+
+
+def with_element_embeddings(
+    edge_scalars: torch.Tensor,
+    source_embedding: nn.Embedding | None,
+    target_embedding: nn.Embedding | None,
+    edges: EdgeContext,
+) -> torch.Tensor:
+    """``[E, F] -> [E, F + 2 * channels]``: appends the source and target element embeddings
+    (unchanged when the module has none)."""
+    if source_embedding is None:
+        return edge_scalars
+    return torch.cat(
+        [edge_scalars, source_embedding(edges.source_z), target_embedding(edges.target_z)], dim=1
+    )
+
+
+class SO2GraphAttention(nn.Module):
+    """Multi-head equivariant graph attention with non-linear messages.
+
+    ``radial_channels = [F, hidden, hidden]``: the radial MLP's input and hidden sizes (F
+    counts the distance basis and, when shared, the atom embeddings).
+
+    Shapes: ``x: [N, K, C] -> [N, K, output_channels]``.
+    """
+
+    def __init__(
+        self,
+        layout: SphericalLayout,
+        grid: S2Grid,
+        sphere_channels: int,
+        hidden_channels: int,
+        num_heads: int,
+        attn_alpha_channels: int,
+        attn_value_channels: int,
+        output_channels: int,
+        max_num_elements: int,
+        radial_channels: list[int],
+        use_atom_edge_embedding: bool,
+        use_m_share_rad: bool,
+        use_attn_renorm: bool,
+        use_gate_act: bool,
+        use_sep_s2_act: bool,
+        alpha_drop: float,
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.num_heads = num_heads
+        self.attn_alpha_channels = attn_alpha_channels
+        self.attn_value_channels = attn_value_channels
+        self.use_m_share_rad = use_m_share_rad
+        self.use_gate_act = use_gate_act
+        self.use_sep_s2_act = use_sep_s2_act
+
+        radial_channels = list(radial_channels)
+        self.source_embedding = self.target_embedding = None
+        if use_atom_edge_embedding:
+            self.source_embedding = element_embedding(max_num_elements, radial_channels[-1])
+            self.target_embedding = element_embedding(max_num_elements, radial_channels[-1])
+            radial_channels[0] += 2 * radial_channels[-1]
+
+        lmax = layout.lmax
+        num_gates = 0
+        if use_gate_act:
+            num_gates = lmax * hidden_channels
+        elif use_sep_s2_act:
+            num_gates = hidden_channels
+        self.num_gates = num_gates
+
+        if use_m_share_rad:
+            # one radial weight per (degree, channel), shared by all orders m
+            self.rad_func = RadialMLP([*radial_channels, 2 * sphere_channels * (lmax + 1)])
+            self.register_buffer(
+                "degree_of_coefficient",
+                torch.tensor(layout.degree_of_node_coefficient),
+                persistent=False,
+            )
+        self.so2_conv_1 = SO2Convolution(
+            layout,
+            2 * sphere_channels,
+            hidden_channels,
+            radial_channels=None if use_m_share_rad else radial_channels,
+            extra_m0_channels=num_heads * attn_alpha_channels + num_gates,
+        )
+        self.alpha_norm = nn.LayerNorm(attn_alpha_channels) if use_attn_renorm else nn.Identity()
+        self.alpha_act = SmoothLeakyReLU(0.2)
+        bound = attn_alpha_channels**-0.5
+        self.alpha_dot = nn.Parameter(torch.empty(num_heads, attn_alpha_channels).uniform_(-bound, bound))
+        self.alpha_dropout = nn.Dropout(alpha_drop) if alpha_drop > 0 else None
+
+        if use_gate_act:
+            degrees = [l for l, _ in layout.edge_lm[1:]]
+            self.gate_act = GateActivation(degrees, lmax, hidden_channels)
+        elif use_sep_s2_act:
+            self.s2_act = SeparableS2Activation(grid)
+        else:
+            self.s2_act = S2Activation(grid)
+
+        self.so2_conv_2 = SO2Convolution(layout, hidden_channels, num_heads * attn_value_channels)
+        self.proj = SO3Linear(num_heads * attn_value_channels, output_channels, lmax=lmax)
+
+    def forward(self, x: torch.Tensor, edges: EdgeContext) -> torch.Tensor:
+        source, target = edges.edge_index
+        edge_scalars = with_element_embeddings(
+            edges.edge_scalars, self.source_embedding, self.target_embedding, edges
+        )
+
+        message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, K, 2C]
+        if self.use_m_share_rad:
+            weight = self.rad_func(edge_scalars).view(message.shape[0], self.layout.lmax + 1, message.shape[2])
+            message = message * weight.index_select(1, self.degree_of_coefficient)
+        message = edges.rotation.to_edge(message)  # [E, K_e, 2C]
+
+        if self.use_m_share_rad:
+            message, extra = self.so2_conv_1(message)
+        else:
+            message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K_e, hidden]
+        alpha_inputs, gates = extra.split([extra.shape[1] - self.num_gates, self.num_gates], dim=1)
+
+        if self.use_gate_act:
+            message = self.gate_act(gates, message)
+        elif self.use_sep_s2_act:
+            message = self.s2_act(gates, message)
+        else:
+            message = self.s2_act(message)
+        value = self.so2_conv_2(message)  # [E, K_e, H * V]
+
+        alpha = self.alpha_act(self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels)))
+        alpha = (alpha * self.alpha_dot).sum(dim=-1)  # [E, H]
+        alpha = graph_softmax(alpha, target, edges.num_nodes)
+        if self.alpha_dropout is not None:
+            alpha = self.alpha_dropout(alpha)
+
+        value = value.view(value.shape[0], value.shape[1], self.num_heads, self.attn_value_channels)
+        value = (value * alpha[:, None, :, None]).flatten(2)  # [E, K_e, H * V]
+        value = edges.rotation.from_edge(value)  # [E, K, H * V]
+        aggregated = value.new_zeros(edges.num_nodes, value.shape[1], value.shape[2])
+        aggregated.index_add_(0, target, value)  # [N, K, H * V]
+        return self.proj(aggregated)

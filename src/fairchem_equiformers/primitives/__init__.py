@@ -1,0 +1,43 @@
+"""Shared equivariant building blocks used by every model family of the package.
+
+Shape symbols: N nodes, E edges, B graphs, K = (lmax+1)**2 node-layout coefficients,
+K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H heads.
+"""
+
+from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
+from .dropout import EquivariantDropout, GraphDropPath
+from .graph import check_structures, radius_graph_nonperiodic
+from .grid import S2Grid
+from .layout import SphericalLayout
+from .linear import SO3Linear
+from .norm import NORMS, equivariant_norm
+from .radial import GaussianBasis, RadialMLP
+from .rotation import EdgeRotation
+from .so2 import SO2Convolution
+from .softmax import graph_softmax
+from .wigner import edge_frame_angles, frame_angles_from_matrices, swap_matrix, wigner_d_columns
+
+__all__ = [
+    "NORMS",
+    "EdgeRotation",
+    "EquivariantDropout",
+    "GateActivation",
+    "GaussianBasis",
+    "GraphDropPath",
+    "RadialMLP",
+    "S2Activation",
+    "S2Grid",
+    "SO2Convolution",
+    "SO3Linear",
+    "SeparableS2Activation",
+    "SmoothLeakyReLU",
+    "SphericalLayout",
+    "check_structures",
+    "edge_frame_angles",
+    "frame_angles_from_matrices",
+    "equivariant_norm",
+    "graph_softmax",
+    "radius_graph_nonperiodic",
+    "swap_matrix",
+    "wigner_d_columns",
+]

@@ -1,0 +1,94 @@
+"""Index tables for spherical-harmonic coefficients.
+
+Two orderings are used throughout the package:
+
+* **node layout** (l-major, full): coefficient ``k = l*l + l + m`` for ``l = 0..lmax``,
+  ``m = -l..l``; ``K = (lmax+1)**2`` coefficients. Node features are ``[N, K, C]``.
+* **edge layout** (m-major, truncated at ``mmax``): what the SO(2) convolution works on once a
+  feature has been rotated into an edge's frame. Order: ``m = 0`` for ``l = 0..lmax``, then for
+  each ``m = 1..mmax`` the ``+m`` coefficients for ``l = m..lmax`` followed by the ``-m`` ones.
+  ``K_e`` coefficients; edge features are ``[E, K_e, C]``. This is the order of the released
+  EquiformerV2 SO(2) weights, so checkpoints carry over.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+
+class SphericalLayout:
+    """Coefficient bookkeeping for degree ``lmax`` truncated at order ``mmax``."""
+
+    def __init__(self, lmax: int, mmax: int) -> None:
+        if lmax < 0 or not 0 <= mmax <= lmax:
+            raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
+        self.lmax = lmax
+        self.mmax = mmax
+
+    @property
+    def num_coefficients(self) -> int:
+        """K: coefficients of the node layout."""
+        return (self.lmax + 1) ** 2
+
+    @cached_property
+    def edge_lm(self) -> list[tuple[int, int]]:
+        """(l, m) of every coefficient of the edge layout, in order."""
+        lm = [(l, 0) for l in range(self.lmax + 1)]
+        for m in range(1, self.mmax + 1):
+            lm += [(l, m) for l in range(m, self.lmax + 1)]
+            lm += [(l, -m) for l in range(m, self.lmax + 1)]
+        return lm
+
+    @property
+    def num_edge_coefficients(self) -> int:
+        """K_e: coefficients of the edge layout."""
+        return len(self.edge_lm)
+
+    def degree_orders(self, l: int) -> list[int]:
+        """Orders m kept for degree l in the edge layout, ascending."""
+        mm = min(l, self.mmax)
+        return list(range(-mm, mm + 1))
+
+    @cached_property
+    def edge_from_degree_blocks(self) -> list[int]:
+        """Permutation taking the concatenation of per-degree truncated blocks (l ascending,
+        m ascending within a degree) to the edge layout: ``edge = blocks[:, perm]``."""
+        block_pos = {}
+        for l in range(self.lmax + 1):
+            for m in self.degree_orders(l):
+                block_pos[(l, m)] = len(block_pos)
+        return [block_pos[lm] for lm in self.edge_lm]
+
+    @cached_property
+    def degree_blocks_from_edge(self) -> list[int]:
+        """Inverse of :attr:`edge_from_degree_blocks`: ``blocks = edge[:, perm]``."""
+        inverse = [0] * self.num_edge_coefficients
+        for edge_pos, block_pos in enumerate(self.edge_from_degree_blocks):
+            inverse[block_pos] = edge_pos
+        return inverse
+
+    def edge_index_of(self, l: int, m: int) -> int:
+        return self.edge_lm.index((l, m))
+
+    @cached_property
+    def order_sizes(self) -> list[int]:
+        """Number of degrees carrying order m (for m = 0..mmax): ``lmax - m + 1``."""
+        return [self.lmax - m + 1 for m in range(self.mmax + 1)]
+
+    def truncation_rescale(self, l: int) -> float:
+        """Factor sqrt((2l+1)/(2mmax+1)) applied to degrees that lose orders |m| > mmax.
+
+        Rotating back from a truncated edge frame only sees ``2*mmax+1`` of the ``2l+1``
+        orders; the released EquiformerV2 compensates the lost variance with this factor."""
+        if l <= self.mmax or self.lmax == self.mmax:
+            return 1.0
+        return math.sqrt((2 * l + 1) / (2 * self.mmax + 1))
+
+    @cached_property
+    def degree_of_node_coefficient(self) -> list[int]:
+        """l of each node-layout coefficient (length K)."""
+        return [l for l in range(self.lmax + 1) for _ in range(2 * l + 1)]
+
+    def __repr__(self) -> str:
+        return f"SphericalLayout(lmax={self.lmax}, mmax={self.mmax})"

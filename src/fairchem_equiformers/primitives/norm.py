@@ -1,0 +1,107 @@
+"""Equivariant normalisation of node features ``[N, (lmax+1)**2, C]``.
+
+Scalars may be centred; every degree ``l > 0`` is only rescaled (by one factor per node shared
+across m), so the result stays equivariant. Statistics are computed in float32 or wider even
+under mixed precision. Parameter names follow the released EquiformerV2 checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _degree_weights(lmax: int, first: int) -> torch.Tensor:
+    """1/(2l+1) for every coefficient of degrees ``first..lmax``, divided by the number of
+    degrees: a mean of squares where every degree counts equally."""
+    weights = [1.0 / (2 * l + 1) for l in range(first, lmax + 1) for _ in range(2 * l + 1)]
+    return torch.tensor(weights, dtype=torch.float64) / (lmax + 1 - first)
+
+
+def _expand_degrees(per_degree: torch.Tensor, lmax: int, first: int) -> torch.Tensor:
+    """``[lmax+1-first, C]`` -> ``[K', C]`` repeating each degree's row 2l+1 times."""
+    repeats = torch.tensor([2 * l + 1 for l in range(first, lmax + 1)], device=per_degree.device)
+    return per_degree.repeat_interleave(repeats, dim=0)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class EquivariantLayerNorm(nn.Module):
+    """``layer_norm``: every degree normalised on its own (scalars centred first)."""
+
+    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.lmax, self.num_channels, self.eps = lmax, num_channels, eps
+        self.affine_weight = nn.Parameter(torch.ones(lmax + 1, num_channels))
+        self.affine_bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _upcast(x)
+        out = []
+        for l in range(self.lmax + 1):
+            feature = x[:, l * l : (l + 1) * (l + 1)]  # [N, 2l+1, C]
+            if l == 0:
+                feature = feature - feature.mean(dim=2, keepdim=True)
+            scale = (feature.pow(2).mean(dim=(1, 2), keepdim=True) + self.eps).rsqrt()  # [N, 1, 1]
+            feature = feature * (scale * self.affine_weight[l])
+            if l == 0:
+                feature = feature + self.affine_bias
+            out.append(feature)
+        return torch.cat(out, dim=1)
+
+
+class EquivariantLayerNormSH(nn.Module):
+    """``layer_norm_sh``: LayerNorm on scalars; one degree-balanced RMS over all ``l > 0``."""
+
+    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.lmax, self.num_channels, self.eps = lmax, num_channels, eps
+        self.norm_l0 = nn.LayerNorm(num_channels, eps=eps)
+        self.affine_weight = nn.Parameter(torch.ones(lmax, num_channels))
+        self.register_buffer("degree_weights", _degree_weights(lmax, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _upcast(x)
+        scalars = self.norm_l0(x[:, :1])  # [N, 1, C]
+        if self.lmax == 0:
+            return scalars
+        rest = x[:, 1:]  # [N, K-1, C]
+        mean_square = torch.einsum("nkc,k->n", rest.pow(2), self.degree_weights.to(x.dtype))
+        scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
+        weight = _expand_degrees(self.affine_weight, self.lmax, 1)  # [K-1, C]
+        return torch.cat([scalars, rest * (scale[:, None, None] * weight)], dim=1)
+
+
+class EquivariantRMSNormSH(nn.Module):
+    """``rms_norm_sh``: scalars centred, then one degree-balanced RMS over all degrees."""
+
+    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.lmax, self.num_channels, self.eps = lmax, num_channels, eps
+        self.affine_weight = nn.Parameter(torch.ones(lmax + 1, num_channels))
+        self.affine_bias = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("degree_weights", _degree_weights(lmax, 0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _upcast(x)
+        scalars = x[:, :1] - x[:, :1].mean(dim=2, keepdim=True)
+        centred = torch.cat([scalars, x[:, 1:]], dim=1)  # [N, K, C]
+        mean_square = torch.einsum("nkc,k->n", centred.pow(2), self.degree_weights.to(x.dtype))
+        scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
+        out = centred * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
+        return torch.cat([out[:, :1] + self.affine_bias, out[:, 1:]], dim=1)
+
+
+NORMS = {
+    "layer_norm": EquivariantLayerNorm,
+    "layer_norm_sh": EquivariantLayerNormSH,
+    "rms_norm_sh": EquivariantRMSNormSH,
+}
+
+
+def equivariant_norm(norm_type: str, lmax: int, num_channels: int) -> nn.Module:
+    if norm_type not in NORMS:
+        raise ValueError(f"norm_type must be one of {sorted(NORMS)}, got {norm_type!r}")
+    return NORMS[norm_type](lmax, num_channels)

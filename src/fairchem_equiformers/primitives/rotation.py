@@ -1,0 +1,71 @@
+"""Rotation of node features into and out of each edge's frame, degree by degree."""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import SphericalLayout
+from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns
+
+
+class EdgeRotation:
+    """Per-edge Wigner blocks, computed once per forward pass and shared by every layer.
+
+    Each degree ``l`` keeps a ``[E, 2l+1, r_l]`` block (``r_l = 2*min(l, mmax)+1``): the columns
+    of ``D_l`` that survive the ``mmax`` truncation. Rotating in uses its transpose, rotating
+    out uses it pre-multiplied by the truncation rescale. No dense ``[K_e, K]`` matrix and no
+    permutation matmul is ever formed.
+
+    Build it with :meth:`from_edge_vectors` (the deterministic frame) or
+    :meth:`from_rotation_matrices` (any frame, e.g. another implementation's).
+    """
+
+    def __init__(self, layout: SphericalLayout, *angles: torch.Tensor) -> None:
+        """``angles``: cos/sin of the Euler angles alpha, beta (and optionally gamma) of the
+        rotation taking ``+y`` to each edge direction, each ``[E]``."""
+        self.layout = layout
+        self.blocks = wigner_d_columns(*angles[:4], layout.lmax, layout.mmax, *angles[4:])
+        self.blocks_out = [
+            block * layout.truncation_rescale(l) if layout.truncation_rescale(l) != 1.0 else block
+            for l, block in enumerate(self.blocks)
+        ]
+        device = angles[0].device
+        self._to_edge_order = torch.tensor(layout.edge_from_degree_blocks, device=device)
+        self._to_degree_order = torch.tensor(layout.degree_blocks_from_edge, device=device)
+        m0 = [layout.degree_orders(l).index(0) for l in range(layout.lmax + 1)]
+        self._m0_columns = [block[:, :, i] for block, i in zip(self.blocks_out, m0)]
+
+    @classmethod
+    def from_edge_vectors(cls, edge_vec: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
+        """Frame fixed by the edge vectors ``[E, 3]`` alone (source minus target, non-zero)."""
+        return cls(layout, *edge_frame_angles(edge_vec))
+
+    @classmethod
+    def from_rotation_matrices(cls, rotation: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
+        """Frame given as rotations ``[E, 3, 3]`` that map each edge direction onto ``+y``."""
+        return cls(layout, *frame_angles_from_matrices(rotation))
+
+    def to_edge(self, x: torch.Tensor) -> torch.Tensor:
+        """``[E, K, C]`` node layout (already gathered per edge) -> ``[E, K_e, C]`` edge layout."""
+        parts = [x[:, :1]]
+        for l in range(1, self.layout.lmax + 1):
+            x_l = x[:, l * l : (l + 1) * (l + 1)]  # [E, 2l+1, C]
+            parts.append(self.blocks[l].transpose(1, 2) @ x_l)  # [E, r_l, C]
+        return torch.cat(parts, dim=1).index_select(1, self._to_edge_order)
+
+    def from_edge(self, y: torch.Tensor) -> torch.Tensor:
+        """``[E, K_e, C]`` edge layout -> ``[E, K, C]`` node layout (with truncation rescale)."""
+        blocks = y.index_select(1, self._to_degree_order)
+        parts, start = [blocks[:, :1]], 1
+        for l in range(1, self.layout.lmax + 1):
+            width = self.blocks_out[l].shape[2]
+            parts.append(self.blocks_out[l] @ blocks[:, start : start + width])  # [E, 2l+1, C]
+            start += width
+        return torch.cat(parts, dim=1)
+
+    def from_edge_m0(self, y_m0: torch.Tensor) -> torch.Tensor:
+        """Only ``m = 0`` components ``[E, lmax+1, C]`` -> ``[E, K, C]`` node layout."""
+        parts = [y_m0[:, :1]]
+        for l in range(1, self.layout.lmax + 1):
+            parts.append(self._m0_columns[l][:, :, None] * y_m0[:, l : l + 1])  # [E, 2l+1, C]
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,95 @@
+"""SO(2) convolution in the edge frame (eSCN, Passaro & Zitnick 2023).
+
+Once a feature is rotated so that the edge lies on the polar axis, an SO(3)-equivariant
+convolution reduces to independent linear maps per order m: a real map for ``m = 0`` and a
+complex-valued one (a pair of real maps mixing ``+m`` and ``-m``) for each ``m > 0``. Degrees
+are mixed freely within an order. Parameter names follow the released EquiformerV2 checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layout import SphericalLayout
+from .radial import RadialMLP
+
+
+class SO2OrderLinear(nn.Module):
+    """The complex linear map of one order ``m > 0``: ``(W_r + i W_i)(x_{+m} + i x_{-m})``.
+
+    Shapes: ``x: [E, 2, D * C_in]`` (rows +m, -m; D = lmax - m + 1 degrees)
+    -> ``[E, 2 * D, C_out]`` (+m degrees, then -m degrees)."""
+
+    def __init__(self, num_degrees: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.num_degrees = num_degrees
+        self.out_channels = out_channels
+        self.fc = nn.Linear(num_degrees * in_channels, 2 * num_degrees * out_channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)  # [E, 2, 2 * D * C_out]
+        y_real, y_imag = y.chunk(2, dim=-1)  # W_r x, W_i x: [E, 2, D * C_out]
+        out_pos = y_real[:, 0] - y_imag[:, 1]  # W_r x+ - W_i x-
+        out_neg = y_real[:, 1] + y_imag[:, 0]  # W_r x- + W_i x+
+        return torch.cat([out_pos, out_neg], dim=1).view(x.shape[0], 2 * self.num_degrees, self.out_channels)
+
+
+class SO2Convolution(nn.Module):
+    """SO(2) convolution over all orders ``m <= mmax``, optionally weighted per edge.
+
+    ``radial_channels`` (e.g. ``[F, hidden, hidden]``) adds a radial MLP that maps edge
+    scalars ``[E, F]`` to one weight per (order, degree, input channel), shared by ``+m`` and
+    ``-m``. ``extra_m0_channels`` adds invariant outputs computed with the ``m = 0`` map
+    (used for attention logits and gates).
+
+    Shapes: ``x: [E, K_e, C_in]`` (edge layout) -> ``[E, K_e, C_out]`` and, if requested,
+    ``[E, extra_m0_channels]``.
+    """
+
+    def __init__(
+        self,
+        layout: SphericalLayout,
+        in_channels: int,
+        out_channels: int,
+        radial_channels: list[int] | None = None,
+        extra_m0_channels: int = 0,
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.extra_m0_channels = extra_m0_channels
+        sizes = layout.order_sizes  # degrees per order
+        self.fc_m0 = nn.Linear(sizes[0] * in_channels, sizes[0] * out_channels + extra_m0_channels)
+        self.so2_m_conv = nn.ModuleList(
+            SO2OrderLinear(sizes[m], in_channels, out_channels) for m in range(1, layout.mmax + 1)
+        )
+        self.radial_widths = [d * in_channels for d in sizes]
+        self.rad_func = None
+        if radial_channels is not None:
+            self.rad_func = RadialMLP([*radial_channels, sum(self.radial_widths)])
+
+    def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None = None):
+        num_edges = x.shape[0]
+        sizes = self.layout.order_sizes
+        weights = None
+        if self.rad_func is not None:
+            weights = self.rad_func(edge_scalars).split(self.radial_widths, dim=1)
+
+        x_0 = x[:, : sizes[0]].reshape(num_edges, sizes[0] * self.in_channels)  # [E, (lmax+1) * C_in]
+        if weights is not None:
+            x_0 = x_0 * weights[0]
+        y_0 = self.fc_m0(x_0)
+        extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], 1)
+        outputs = [y_0.view(num_edges, sizes[0], self.out_channels)]
+
+        start = sizes[0]
+        for m in range(1, self.layout.mmax + 1):
+            x_m = x[:, start : start + 2 * sizes[m]].reshape(num_edges, 2, sizes[m] * self.in_channels)
+            if weights is not None:
+                x_m = x_m * weights[m][:, None, :]
+            outputs.append(self.so2_m_conv[m - 1](x_m))
+            start += 2 * sizes[m]
+        out = torch.cat(outputs, dim=1)  # [E, K_e, C_out]
+        return (out, extra) if self.extra_m0_channels else out

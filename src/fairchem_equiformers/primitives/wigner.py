@@ -1,0 +1,127 @@
+"""Wigner-D matrices of real spherical harmonics (e3nn's basis) and edge-frame rotations.
+
+A rotation with Y-X-Y Euler angles factors as ``D(a, b, c) = Y(a) J Y(b) J Y(c)``, where
+``Y(t)`` rotates about the y axis (the polar axis of e3nn's harmonics; it only mixes ``+m`` with
+``-m``) and ``J`` is a fixed orthogonal involution per degree. Only ``J`` needs a table; the
+``Y`` factors are elementwise.
+
+The edge frame maps the unit edge vector ``u`` to ``+y``, so that a feature rotated into it
+has its ``m = 0`` components along the edge. The rotation about the edge axis is free (the
+SO(2) convolution commutes with it); we fix it by the Euler angles of ``u`` with gamma = 0,
+which makes the frame a deterministic function of ``u`` (the released EquiformerV2 draws it at
+random on every call).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from e3nn import o3
+
+
+@lru_cache(maxsize=None)
+def swap_matrix(l: int) -> torch.Tensor:
+    """J_l ``[2l+1, 2l+1]`` in float64: the Wigner-D of Euler angles (pi/2, pi/2, pi/2).
+
+    Fitted from spherical harmonics (``Y(R v) = D(R) Y(v)``) at random points; exact to float64
+    round-off because e3nn's harmonics are explicit polynomials."""
+    generator = torch.Generator().manual_seed(l)
+    points = torch.randn(4 * (2 * l + 1), 3, dtype=torch.float64, generator=generator)
+    half_pi = torch.tensor(math.pi / 2, dtype=torch.float64)
+    rotation = o3.angles_to_matrix(half_pi, half_pi, half_pi)
+    y_before = o3.spherical_harmonics(l, points, normalize=True)  # [P, 2l+1]
+    y_after = o3.spherical_harmonics(l, points @ rotation.T, normalize=True)  # [P, 2l+1]
+    d_transposed = torch.linalg.lstsq(y_before, y_after).solution  # y_after = y_before D^T
+    return d_transposed.T.contiguous()
+
+
+def multiple_angles(cos: torch.Tensor, sin: torch.Tensor, lmax: int):
+    """cos(m t) and sin(m t) for m = -lmax..lmax, from cos t and sin t (no trigonometric calls).
+
+    Shapes: ``cos, sin: [E]`` -> two tensors ``[E, 2*lmax+1]``."""
+    cos_m, sin_m = [torch.ones_like(cos)], [torch.zeros_like(sin)]
+    for _ in range(lmax):
+        cos_m, sin_m = (
+            cos_m + [cos_m[-1] * cos - sin_m[-1] * sin],
+            sin_m + [sin_m[-1] * cos + cos_m[-1] * sin],
+        )
+    cos_pos, sin_pos = torch.stack(cos_m, dim=-1), torch.stack(sin_m, dim=-1)  # [E, lmax+1]
+    cos_all = torch.cat([cos_pos[:, 1:].flip(-1), cos_pos], dim=-1)
+    sin_all = torch.cat([-sin_pos[:, 1:].flip(-1), sin_pos], dim=-1)
+    return cos_all, sin_all
+
+
+def _slice_orders(values: torch.Tensor, l: int, lmax: int) -> torch.Tensor:
+    """Columns m = -l..l of a ``[E, 2*lmax+1]`` table indexed by m = -lmax..lmax."""
+    return values[:, lmax - l : lmax + l + 1]
+
+
+def wigner_d_columns(
+    cos_alpha: torch.Tensor,
+    sin_alpha: torch.Tensor,
+    cos_beta: torch.Tensor,
+    sin_beta: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    cos_gamma: torch.Tensor | None = None,
+    sin_gamma: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Columns ``|m| <= mmax`` of ``D_l(a, b, g) = Y(a) J Y(b) J Y(g)`` for every degree.
+
+    Returns ``[E, 2l+1, r_l]`` per degree l, ``r_l = 2*min(l, mmax)+1``, columns by ascending m.
+    ``D(a, b, g)`` maps ``+y`` to the direction with polar angle b and azimuth a, so its
+    transpose rotates that direction onto ``+y``; g spins the frame about that direction."""
+    cos_a, sin_a = multiple_angles(cos_alpha, sin_alpha, lmax)  # [E, 2lmax+1]
+    cos_b, sin_b = multiple_angles(cos_beta, sin_beta, lmax)
+    if cos_gamma is not None:
+        cos_g, sin_g = multiple_angles(cos_gamma, sin_gamma, mmax)  # [E, 2mmax+1]
+    blocks = []
+    for l in range(lmax + 1):
+        if l == 0:
+            blocks.append(cos_alpha.new_ones(cos_alpha.shape[0], 1, 1))
+            continue
+        mm = min(l, mmax)
+        swap = swap_matrix(l).to(dtype=cos_alpha.dtype, device=cos_alpha.device)
+        cb, sb = _slice_orders(cos_b, l, lmax), _slice_orders(sin_b, l, lmax)  # [E, 2l+1]
+        ca, sa = _slice_orders(cos_a, l, lmax), _slice_orders(sin_a, l, lmax)
+        # J Y(b): column j mixes with column -j
+        jy = swap * cb[:, None, :] + swap.flip(-1) * sb[:, None, :]  # [E, 2l+1, 2l+1]
+        jyj = jy @ swap[:, l - mm : l + mm + 1]  # [E, 2l+1, r_l]
+        # Y(a) (J Y(b) J): row m mixes with row -m
+        block = ca[:, :, None] * jyj - sa[:, :, None] * jyj.flip(-2)
+        if cos_gamma is not None:  # (...) Y(g): column m mixes with column -m
+            cg, sg = _slice_orders(cos_g, mm, mmax), _slice_orders(sin_g, mm, mmax)
+            block = block * cg[:, None, :] + block.flip(-1) * sg[:, None, :]
+        blocks.append(block)
+    return blocks
+
+
+def frame_angles_from_matrices(rotation: torch.Tensor):
+    """Euler angles (as cos/sin) of ``rotation^T`` for rotations ``[E, 3, 3]`` that map each
+    edge direction onto ``+y`` (any spin about the edge).
+
+    Returns cos/sin of alpha, beta, gamma, each ``[E]``."""
+    inverse = rotation.transpose(1, 2)  # maps +y to the edge direction
+    cos_a, sin_a, cos_b, sin_b = edge_frame_angles(inverse[:, :, 1])
+    zero, one = torch.zeros_like(cos_a), torch.ones_like(cos_a)
+    rot_y = torch.stack([cos_a, zero, sin_a, zero, one, zero, -sin_a, zero, cos_a], -1).view(-1, 3, 3)
+    rot_x = torch.stack([one, zero, zero, zero, cos_b, -sin_b, zero, sin_b, cos_b], -1).view(-1, 3, 3)
+    spin = (rot_y @ rot_x).transpose(1, 2) @ inverse  # rotation about y by gamma
+    return cos_a, sin_a, cos_b, sin_b, spin[:, 0, 0], spin[:, 0, 2]
+
+
+def edge_frame_angles(edge_vec: torch.Tensor):
+    """Euler angles (as cos/sin) of the unit edge vectors, e3nn convention.
+
+    ``edge_vec: [E, 3]`` (need not be normalised; must be non-zero).
+    Returns cos_alpha, sin_alpha, cos_beta, sin_beta, each ``[E]``."""
+    unit = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
+    x, y, z = unit.unbind(-1)
+    sin_beta = torch.sqrt((x * x + z * z).clamp_min(0.0))
+    on_axis = sin_beta < 1e-12
+    safe = torch.where(on_axis, torch.ones_like(sin_beta), sin_beta)
+    cos_alpha = torch.where(on_axis, torch.ones_like(z), z / safe)
+    sin_alpha = torch.where(on_axis, torch.zeros_like(x), x / safe)
+    return cos_alpha, sin_alpha, y, sin_beta
