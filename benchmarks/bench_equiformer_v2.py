@@ -100,7 +100,9 @@ def worker(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PRESETS), default="31M")
     parser.add_argument("--structures", type=int, default=2, help="~82-atom slabs per batch")
     parser.add_argument("--repeats", type=int, default=3)
@@ -127,7 +129,9 @@ def main() -> None:
     for mode in ("inference", "train"):
         for impl in ("reference", "ours"):
             r = results[(impl, mode)]
-            print(f"{mode:<10} {impl:<10} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}")
+            print(
+                f"{mode:<10} {impl:<10} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
+            )
         ref, ours = results[("reference", mode)], results[("ours", mode)]
         print(f"{mode:<10} {'ratio':<10} speed-up x{ref['seconds'] / ours['seconds']:.2f}, "
               f"memory x{ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f} of reference")  # fmt: skip

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import fairchem.core.models.equiformer_v2.equiformer_v2  # noqa: F401  (registers the backbone and heads)
 import pytest
 import torch
 from fairchem.core.common.utils import load_state_dict as fairchem_load_state_dict
 from fairchem.core.common.utils import match_state_dict
-import fairchem.core.models.equiformer_v2.equiformer_v2  # noqa: F401  (registers the backbone and heads)
 from fairchem.core.models.base import HydraModel
 from fairchem.core.models.equiformer_v2.equiformer_v2_deprecated import EquiformerV2 as Reference
 from torch import nn
@@ -68,7 +68,10 @@ def test_backbone_and_heads_layout(slab_batch):
     torch.manual_seed(0)
     hydra = HydraModel(
         backbone={"model": "equiformer_v2_backbone", **config},
-        heads={"energy": {"module": "equiformer_v2_energy_head"}, "forces": {"module": "equiformer_v2_force_head"}},
+        heads={
+            "energy": {"module": "equiformer_v2_energy_head"},
+            "forces": {"module": "equiformer_v2_force_head"},
+        },
     )
     with torch.no_grad():
         for p in hydra.parameters():

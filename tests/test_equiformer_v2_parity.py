@@ -80,7 +80,9 @@ def build_pair(config: dict, seed: int = 0):
 
 def use_reference_frame(model: EquiformerV2) -> None:
     """Make ``model`` draw its edge frames exactly as the reference does (same RNG calls)."""
-    model._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(init_edge_rot_mat(vec), model.layout)
+    model._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(
+        init_edge_rot_mat(vec), model.layout
+    )
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -96,7 +98,9 @@ def compare(reference, ours, batch, train: bool = False, same_frame: bool = Fals
     expected = reference(copy.deepcopy(batch))
     torch.manual_seed(123)
     got = ours(copy.deepcopy(batch))
-    return relative_error(got["energy"], expected["energy"]), relative_error(got["forces"], expected["forces"])
+    return relative_error(got["energy"], expected["energy"]), relative_error(
+        got["forces"], expected["forces"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -154,7 +158,11 @@ def test_float32_error_no_worse_than_reference(name, slab_structures):
     ours.eval()
     batch32, batch64 = to_batch(slab_structures), to_batch(slab_structures, torch.float64)
     errors = {}
-    for label, model, batch in [("reference", reference, batch32), ("ours", ours, batch32), ("exact", exact, batch64)]:
+    for label, model, batch in [
+        ("reference", reference, batch32),
+        ("ours", ours, batch32),
+        ("exact", exact, batch64),
+    ]:
         torch.manual_seed(5)
         errors[label] = model(copy.deepcopy(batch))
     for key in ("energy", "forces"):

@@ -46,7 +46,9 @@ def rotation_errors(model, batch, rotations):
     worst_e = worst_f = 0.0
     for rotation in rotations:
         out = model(rotated(batch, rotation))
-        worst_e = max(worst_e, float((out["energy"] - base["energy"]).abs().max() / base["energy"].abs().max()))
+        worst_e = max(
+            worst_e, float((out["energy"] - base["energy"]).abs().max() / base["energy"].abs().max())
+        )
         error = (out["forces"] - base["forces"] @ rotation.T).abs().max() / base["forces"].abs().max()
         worst_f = max(worst_f, float(error))
     return worst_e, worst_f
@@ -112,7 +114,9 @@ def test_batch_equals_structures_one_by_one_including_isolated_atom(slab_structu
     for i, atoms in enumerate(structures):
         alone = model(to_batch([atoms], torch.float64))
         torch.testing.assert_close(together["energy"][i : i + 1], alone["energy"], atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(together["forces"][start : start + len(atoms)], alone["forces"], atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(
+            together["forces"][start : start + len(atoms)], alone["forces"], atol=1e-12, rtol=1e-12
+        )
         start += len(atoms)
     lone_start = sum(len(s) for s in slab_structures)
     assert torch.equal(together["forces"][lone_start], torch.zeros(3, dtype=torch.float64))
@@ -132,7 +136,10 @@ def test_gradients_are_finite(slab_batch):
     [
         (lambda b: b.atomic_numbers.__setitem__(20, 0), r"graph 1 \(sid 1\), atom 7: atomic number 0"),
         (lambda b: b.atomic_numbers.__setitem__(3, 90), r"graph 0 \(sid 0\), atom 3: atomic number 90"),
-        (lambda b: b.pos.__setitem__((5, 1), float("nan")), r"graph 0 \(sid 0\), atom 5: position .* not finite"),
+        (
+            lambda b: b.pos.__setitem__((5, 1), float("nan")),
+            r"graph 0 \(sid 0\), atom 5: position .* not finite",
+        ),
         (lambda b: b.pos.__setitem__((4, 0), float("inf")), r"atom 4: position .* not finite"),
         (lambda b: b.pos.__setitem__(7, b.pos[6]), r"graph 0 \(sid 0\): atoms 6 and 7 overlap"),
     ],

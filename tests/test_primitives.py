@@ -8,9 +8,9 @@ from e3nn import o3
 from torch_geometric.utils import softmax as pyg_softmax
 
 from fairchem_equiformers.primitives import (
+    NORMS,
     EdgeRotation,
     GateActivation,
-    NORMS,
     S2Grid,
     SO2Convolution,
     SphericalLayout,
@@ -19,6 +19,7 @@ from fairchem_equiformers.primitives import (
     radius_graph_nonperiodic,
     wigner_d_columns,
 )
+
 
 @pytest.fixture(autouse=True)
 def _float64():
@@ -77,7 +78,9 @@ def test_frame_from_rotation_matrices_spins_about_the_edge():
     gamma = torch.rand(6) * 6.28
     to_y = o3.angles_to_matrix(alpha, beta, gamma).transpose(1, 2)  # [E, 3, 3], edge -> +y
     unit = vec / vec.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(torch.einsum("eij,ej->ei", to_y, unit), torch.tensor([[0.0, 1.0, 0.0]]).expand(6, 3))
+    torch.testing.assert_close(
+        torch.einsum("eij,ej->ei", to_y, unit), torch.tensor([[0.0, 1.0, 0.0]]).expand(6, 3)
+    )
     spun = EdgeRotation.from_rotation_matrices(to_y, layout)
     plain = EdgeRotation.from_edge_vectors(vec, layout)
     x = torch.randn(6, layout.num_coefficients, 3)
@@ -147,7 +150,10 @@ def test_gate_activation_is_equivariant():
     x, gates = torch.randn(6, 16, 4), torch.randn(6, lmax * 4)
     D = block_diag_wigner(o3.rand_matrix(), lmax)
     torch.testing.assert_close(
-        gate(gates, torch.einsum("ij,njc->nic", D, x)), torch.einsum("ij,njc->nic", D, gate(gates, x)), atol=1e-12, rtol=0
+        gate(gates, torch.einsum("ij,njc->nic", D, x)),
+        torch.einsum("ij,njc->nic", D, gate(gates, x)),
+        atol=1e-12,
+        rtol=0,
     )
 
 

@@ -21,7 +21,14 @@ BUILTIN_MODELS = {
     "equiformer_v2", "equiformer_v2_backbone", "equiformerV2_scalar_head", "equiformerV2_vector_head",
     "equiformer_v2_energy_head", "equiformer_v2_force_head", "equiformer_v2_dens_backbone", "escn", "hydra",
 }  # fmt: skip
-BUILTIN_TRAINERS = {"ocp", "forces", "energy", "equiformerv2_forces", "equiformerv2_energy", "equiformerv2_dens"}
+BUILTIN_TRAINERS = {
+    "ocp",
+    "forces",
+    "energy",
+    "equiformerv2_forces",
+    "equiformerv2_energy",
+    "equiformerv2_dens",
+}
 
 
 def run_python(code: str) -> str:
@@ -65,8 +72,9 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
 
 
 def test_top_level_exports():
-    import fairchem_equiformers
     from fairchem.core.common.registry import registry
+
+    import fairchem_equiformers
 
     assert registry.get_model_class("fairchem_equiformers.EquiformerV2") is fairchem_equiformers.EquiformerV2
 
@@ -85,20 +93,25 @@ def emt_database(tmp_path_factory) -> Path:
 
 def cli_config(database: Path, model: dict) -> dict:
     dataset = {"format": "ase_db", "src": str(database), "a2g_args": {"r_energy": True, "r_forces": True}}
+    forces = {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}
+    optim = {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "lr_initial": 1e-3}
+    optim |= {"optimizer": "AdamW", "max_epochs": 1, "eval_every": 2, "scheduler": "Null"}
     return {
         "trainer": "forces",
         "logger": {"name": "tensorboard"},
         "dataset": {"train": dataset, "val": dataset},
-        "outputs": {
-            "energy": {"shape": 1, "level": "system"},
-            "forces": {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True},
+        "outputs": {"energy": {"shape": 1, "level": "system"}, "forces": forces},
+        "loss_functions": [
+            {"energy": {"fn": "mae", "coefficient": 1}},
+            {"forces": {"fn": "l2mae", "coefficient": 10}},
+        ],
+        "evaluation_metrics": {
+            "metrics": {"energy": ["mae"], "forces": ["mae"]},
+            "primary_metric": "forces_mae",
         },
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}}, {"forces": {"fn": "l2mae", "coefficient": 10}}],
-        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}, "primary_metric": "forces_mae"},
-        "optim": {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "lr_initial": 1e-3, "optimizer": "AdamW",
-                  "max_epochs": 1, "eval_every": 2, "scheduler": "Null"},
+        "optim": optim,
         "model": model,
-    }  # fmt: skip
+    }
 
 
 def run_fairchem(config: dict, run_dir: Path, *args: str) -> str:
@@ -117,14 +130,23 @@ PLUGIN_MODEL = {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2}
 
 
 def test_stock_cli_trains_plugin_model(emt_database, tmp_path):
-    log = run_fairchem(cli_config(emt_database, PLUGIN_MODEL), tmp_path, "--mode", "train", "--identifier", "one")
+    log = run_fairchem(
+        cli_config(emt_database, PLUGIN_MODEL), tmp_path, "--mode", "train", "--identifier", "one"
+    )
     assert re.search(r"Loaded EquiformerV2 with \d+ parameters", log)
     assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))
 
 
 def test_stock_cli_two_ranks_resolve_plugin_model(emt_database, tmp_path):
     log = run_fairchem(
-        cli_config(emt_database, PLUGIN_MODEL), tmp_path, "--mode", "train", "--num-gpus", "2", "--identifier", "two"
+        cli_config(emt_database, PLUGIN_MODEL),
+        tmp_path,
+        "--mode",
+        "train",
+        "--num-gpus",
+        "2",
+        "--identifier",
+        "two",
     )
     assert re.search(r"Loaded EquiformerV2 with \d+ parameters", log)
     assert list(tmp_path.glob("checkpoints/*/checkpoint.pt"))

@@ -159,7 +159,9 @@ class SO2GraphAttention(nn.Module):
 
         message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, K, 2C]
         if self.use_m_share_rad:
-            weight = self.rad_func(edge_scalars).view(message.shape[0], self.layout.lmax + 1, message.shape[2])
+            weight = self.rad_func(edge_scalars).view(
+                message.shape[0], self.layout.lmax + 1, message.shape[2]
+            )
             message = message * weight.index_select(1, self.degree_of_coefficient)
         message = edges.rotation.to_edge(message)  # [E, K_e, 2C]
 
@@ -177,7 +179,9 @@ class SO2GraphAttention(nn.Module):
             message = self.s2_act(message)
         value = self.so2_conv_2(message)  # [E, K_e, H * V]
 
-        alpha = self.alpha_act(self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels)))
+        alpha = self.alpha_act(
+            self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels))
+        )
         alpha = (alpha * self.alpha_dot).sum(dim=-1)  # [E, H]
         alpha = graph_softmax(alpha, target, edges.num_nodes)
         if self.alpha_dropout is not None:

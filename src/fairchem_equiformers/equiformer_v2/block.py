@@ -87,6 +87,8 @@ class TransformerBlock(nn.Module):
             out = self.proj_drop(out)
         return out
 
-    def forward(self, x: torch.Tensor, edges: EdgeContext, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, edges: EdgeContext, batch: torch.Tensor, num_graphs: int
+    ) -> torch.Tensor:
         x = x + self._residual_branch(self.ga(self.norm_1(x), edges), batch, num_graphs)
         return x + self._residual_branch(self.ffn(self.norm_2(x)), batch, num_graphs)

@@ -132,7 +132,9 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         if share_atom_edge_embedding and not use_atom_edge_embedding:
             raise ValueError("share_atom_edge_embedding=True needs use_atom_edge_embedding=True")
         if use_energy_lin_ref and not load_energy_lin_ref:
-            raise ValueError("use_energy_lin_ref=True needs load_energy_lin_ref=True (the references are parameters)")
+            raise ValueError(
+                "use_energy_lin_ref=True needs load_energy_lin_ref=True (the references are parameters)"
+            )
         if num_sphere_samples is not None:
             logging.info("num_sphere_samples has no effect in EquiformerV2 (accepted for released configs)")
 
@@ -183,8 +185,13 @@ class EquiformerV2(nn.Module, GraphModelMixin):
 
         self.blocks = nn.ModuleList(
             TransformerBlock(
-                attention(sphere_channels, alpha_drop), feed_forward(sphere_channels),
-                norm_type, lmax, sphere_channels, drop_path_rate, proj_drop,
+                attention(sphere_channels, alpha_drop),
+                feed_forward(sphere_channels),
+                norm_type,
+                lmax,
+                sphere_channels,
+                drop_path_rate,
+                proj_drop,
             )  # fmt: skip
             for _ in range(num_layers)
         )
@@ -200,9 +207,7 @@ class EquiformerV2(nn.Module, GraphModelMixin):
     def _init_weights(self, weight_init: str) -> None:
         """Released initialisation: linear weights N(0, 1/fan_in) (``normal``) or
         U(+-1/sqrt(fan_in)) (``uniform``), radial MLPs always uniform, biases zero."""
-        radial_linears = {
-            id(m) for r in self.modules() if isinstance(r, RadialMLP) for m in r.modules()
-        }
+        radial_linears = {id(m) for r in self.modules() if isinstance(r, RadialMLP) for m in r.modules()}
         for module in self.modules():
             if isinstance(module, (nn.Linear, SO3Linear)):
                 bound = 1 / math.sqrt(module.in_features)

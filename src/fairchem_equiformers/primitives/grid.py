@@ -23,9 +23,7 @@ class S2Grid(torch.nn.Module):
     Shapes: ``to_grid: [..., K', C] -> [..., G, C]``; ``from_grid`` the reverse.
     """
 
-    def __init__(
-        self, layout: SphericalLayout, resolution: int | None, edge_layout: bool
-    ) -> None:
+    def __init__(self, layout: SphericalLayout, resolution: int | None, edge_layout: bool) -> None:
         super().__init__()
         lmax, mmax = layout.lmax, layout.mmax
         if resolution is None:

@@ -15,13 +15,13 @@ random on every call).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from e3nn import o3
 
 
-@lru_cache(maxsize=None)
+@cache
 def swap_matrix(l: int) -> torch.Tensor:
     """J_l ``[2l+1, 2l+1]`` in float64: the Wigner-D of Euler angles (pi/2, pi/2, pi/2).
 
