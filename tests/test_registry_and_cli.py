@@ -119,7 +119,8 @@ def run_fairchem(config: dict, run_dir: Path, *args: str) -> str:
     config_path = run_dir / "config.yml"
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = ["fairchem", "--config-yml", str(config_path), "--run-dir", str(run_dir), "--cpu", *args]
+    fairchem = str(Path(sys.executable).parent / "fairchem")  # the CLI of this environment
+    cmd = [fairchem, "--config-yml", str(config_path), "--run-dir", str(run_dir), "--cpu", *args]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=run_dir)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
