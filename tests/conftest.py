@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc100, fcc111, molecule
+from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
+from ase.db import connect
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 
@@ -95,3 +99,40 @@ TINY_V2 = dict(
 @pytest.fixture
 def tiny_v2_config() -> dict:
     return dict(TINY_V2)
+
+
+@pytest.fixture(scope="session")
+def emt_database(tmp_path_factory) -> Path:
+    """Eight EMT-labelled 13-atom slabs (2x2x3 + one adsorbate atom) in an ASE database."""
+    path = tmp_path_factory.mktemp("data") / "slabs.db"
+    with connect(path) as db:
+        for i in range(8):
+            atoms = slab_with_adsorbate(["Cu", "Pt", "Ag", "Pd"][i % 4], "111", ["O", "N"][i % 2], seed=i)
+            atoms.calc = EMT()
+            atoms.get_potential_energy()
+            db.write(atoms)
+    return path
+
+
+def cli_config(database: Path, model: dict, **optim) -> dict:
+    """A fairchem S2EF config training ``model`` on ``database`` (train and val)."""
+    dataset = {"format": "ase_db", "src": str(database), "a2g_args": {"r_energy": True, "r_forces": True}}
+    forces = {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}
+    base_optim = {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "lr_initial": 1e-3}
+    base_optim |= {"optimizer": "AdamW", "max_epochs": 1, "eval_every": 2, "scheduler": "Null"}
+    return {
+        "trainer": "forces",
+        "logger": {"name": "tensorboard"},
+        "dataset": {"train": dataset, "val": dataset},
+        "outputs": {"energy": {"shape": 1, "level": "system"}, "forces": forces},
+        "loss_functions": [
+            {"energy": {"fn": "mae", "coefficient": 1}},
+            {"forces": {"fn": "l2mae", "coefficient": 10}},
+        ],
+        "evaluation_metrics": {
+            "metrics": {"energy": ["mae"], "forces": ["mae"]},
+            "primary_metric": "forces_mae",
+        },
+        "optim": base_optim | optim,
+        "model": model,
+    }

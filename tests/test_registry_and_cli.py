@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ase.calculators.emt import EMT
-from ase.db import connect
 
-from .conftest import TINY_V2, slab_with_adsorbate
+from .conftest import TINY_V2, cli_config
 
 BUILTIN_MODELS = {
     "equiformer_v2", "equiformer_v2_backbone", "equiformerV2_scalar_head", "equiformerV2_vector_head",
@@ -67,6 +65,7 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
     )
     new = eval(out.strip())
     assert new["model_name_mapping"] == ["fairchem_equiformers.EquiformerV2"]
+    assert new["trainer_name_mapping"] == ["fairchem_equiformers.ForcesTrainer"]
     assert not set(new["model_name_mapping"]) & BUILTIN_MODELS
     assert not set(new.get("trainer_name_mapping", [])) & BUILTIN_TRAINERS
 
@@ -77,41 +76,6 @@ def test_top_level_exports():
     import fairchem_equiformers
 
     assert registry.get_model_class("fairchem_equiformers.EquiformerV2") is fairchem_equiformers.EquiformerV2
-
-
-@pytest.fixture(scope="module")
-def emt_database(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "slabs.db"
-    with connect(path) as db:
-        for i in range(8):
-            atoms = slab_with_adsorbate(["Cu", "Pt", "Ag", "Pd"][i % 4], "111", ["O", "CO"][i % 2], seed=i)
-            atoms.calc = EMT()
-            atoms.get_potential_energy()
-            db.write(atoms)
-    return path
-
-
-def cli_config(database: Path, model: dict) -> dict:
-    dataset = {"format": "ase_db", "src": str(database), "a2g_args": {"r_energy": True, "r_forces": True}}
-    forces = {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}
-    optim = {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "lr_initial": 1e-3}
-    optim |= {"optimizer": "AdamW", "max_epochs": 1, "eval_every": 2, "scheduler": "Null"}
-    return {
-        "trainer": "forces",
-        "logger": {"name": "tensorboard"},
-        "dataset": {"train": dataset, "val": dataset},
-        "outputs": {"energy": {"shape": 1, "level": "system"}, "forces": forces},
-        "loss_functions": [
-            {"energy": {"fn": "mae", "coefficient": 1}},
-            {"forces": {"fn": "l2mae", "coefficient": 10}},
-        ],
-        "evaluation_metrics": {
-            "metrics": {"energy": ["mae"], "forces": ["mae"]},
-            "primary_metric": "forces_mae",
-        },
-        "optim": optim,
-        "model": model,
-    }
 
 
 def run_fairchem(config: dict, run_dir: Path, *args: str) -> str:

@@ -1,11 +1,12 @@
 """fairchem-equiformers: the Equiformer family of interatomic potentials as a FairChem plugin.
 
-Importing the package registers its models with fairchem's registry under their full class
+Importing the package registers its models and trainer with fairchem's registry under their full class
 paths (e.g. ``fairchem_equiformers.EquiformerV2``), so the same name works in a config for the
 stock ``fairchem`` CLI (which imports the package on demand) and in Python after import.
 """
 
 from .equiformer_v2 import EquiformerV2
+from .training import ForcesTrainer
 
-__all__ = ["EquiformerV2"]
+__all__ = ["EquiformerV2", "ForcesTrainer"]
 __version__ = "0.1.0"

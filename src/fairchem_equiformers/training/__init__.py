@@ -1,0 +1,15 @@
+"""Training: the forces trainer, its learning-rate schedules and weight-decay groups."""
+
+from .param_groups import no_weight_decay_names, parameter_groups
+from .schedule import CosineSchedule, LRScheduler, MultistepSchedule, WarmupSchedule
+from .trainer import ForcesTrainer
+
+__all__ = [
+    "CosineSchedule",
+    "ForcesTrainer",
+    "LRScheduler",
+    "MultistepSchedule",
+    "WarmupSchedule",
+    "no_weight_decay_names",
+    "parameter_groups",
+]

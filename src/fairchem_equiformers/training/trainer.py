@@ -1,0 +1,117 @@
+"""The forces trainer: fairchem's OCPTrainer with the EquiformerV2 training recipe.
+
+Differences from the host's ``forces`` trainer (datasets, normalizers, linear references,
+losses, evaluation, logging and distributed training are the host's):
+
+* AdamW parameter groups: no weight decay for biases, normalisation and radial-basis
+  parameters and whatever the model lists in ``no_weight_decay()``;
+* learning-rate schedules given in epochs (``schedule.py``), stepped every batch;
+* gradient accumulation (``optim.grad_accumulation_steps``), gradient clipping
+  (``optim.clip_grad_norm``), EMA of the weights (``optim.ema_decay``, used for validation and
+  prediction and saved in checkpoints), AMP on GPU (``--amp``);
+* checkpoints written atomically (a crash mid-write never leaves a truncated file), and a
+  resumed run continues at the same step, learning rate and EMA;
+* predict/validate from a full training checkpoint without a train set, and warmups shorter
+  than one batch, both of which trip the host's ``equiformerv2_forces`` trainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from fairchem.core.common import distutils
+from fairchem.core.common.registry import registry
+from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+from fairchem.core.trainers import OCPTrainer
+
+from .param_groups import parameter_groups
+from .schedule import LRScheduler
+
+
+@registry.register_trainer("fairchem_equiformers.ForcesTrainer")
+class ForcesTrainer(OCPTrainer):
+    """Energy and force training with the EquiformerV2 recipe (see the module docstring).
+
+    The task is S2EF whatever name the launcher passes (fairchem names tasks after its own
+    trainers), so evaluation defaults and ``s2ef_predictions.npz`` match the host's ``forces``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["name"] = "s2ef"
+        super().__init__(*args, **kwargs)
+
+    def load_optimizer(self) -> None:
+        optim = self.config["optim"]
+        optimizer_class = getattr(torch.optim, optim.get("optimizer", "AdamW"))
+        optimizer_params = dict(optim.get("optimizer_params", {}))
+        weight_decay = optimizer_params.pop("weight_decay", optim.get("weight_decay", 0.0))
+        groups, exempt = parameter_groups(self._unwrapped_model, weight_decay)
+        if distutils.is_master():
+            logging.info(f"{len(exempt)} parameter tensors without weight decay: {exempt}")
+        self.optimizer = optimizer_class(groups, lr=optim["lr_initial"], **optimizer_params)
+
+    def load_extras(self) -> None:
+        optim = self.config["optim"]
+        batches_per_epoch = len(self.train_loader) if self.train_loader is not None else 1
+        self.scheduler = LRScheduler(self.optimizer, optim, batches_per_epoch)
+        self.clip_grad_norm = optim.get("clip_grad_norm")
+        self.grad_accumulation_steps = int(optim.get("grad_accumulation_steps", 1))
+        if self.grad_accumulation_steps < 1:
+            raise ValueError(
+                f"optim.grad_accumulation_steps must be >= 1, got {self.grad_accumulation_steps}"
+            )
+        self._accumulated_batches = 0
+        self.ema_decay = optim.get("ema_decay")
+        self.ema = (
+            ExponentialMovingAverage(self.model.parameters(), self.ema_decay) if self.ema_decay else None
+        )
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients over ``grad_accumulation_steps`` batches (each batch's loss is
+        its own mean, so the update is the mean over batches), then clip, step and update EMA.
+        A partial window at the end of an epoch still steps."""
+        (loss / self.grad_accumulation_steps).backward()
+        self._accumulated_batches += 1
+        end_of_epoch = self.train_loader is not None and self.step % len(self.train_loader) == 0
+        if self._accumulated_batches < self.grad_accumulation_steps and not end_of_epoch:
+            return
+        if self._accumulated_batches < self.grad_accumulation_steps:  # partial window: rescale
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(self.grad_accumulation_steps / self._accumulated_batches)
+        self._accumulated_batches = 0
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.clip_grad_norm)
+            if self.logger is not None:
+                self.logger.log({"grad_norm": grad_norm}, step=self.step, split="train")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update()
+
+    def load_checkpoint(
+        self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
+    ):
+        """The host's loading, then the schedule re-positioned at the restored step: fairchem
+        saves before stepping the scheduler, so its state lags the step by one batch."""
+        super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
+        if getattr(self, "scheduler", None) is not None and not inference_only:
+            self.scheduler.set_batch(self.step)
+
+    def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):
+        """The host's checkpoint, written to a temporary file and renamed into place."""
+        temporary = f".{checkpoint_file}.{os.getpid()}.tmp"
+        path = super().save(metrics=metrics, checkpoint_file=temporary, training_state=training_state)
+        if path is None:
+            return None
+        final = Path(path).with_name(checkpoint_file)
+        os.replace(path, final)
+        return str(final)

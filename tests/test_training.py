@@ -1,0 +1,292 @@
+"""The forces trainer: schedules, weight-decay groups, EMA, accumulation, atomic checkpoints
+and resuming, with fairchem's own launcher code building the trainer in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fairchem.core.common.flags import flags
+from fairchem.core.common.utils import build_config, new_trainer_context
+from fairchem.core.models.equiformer_v2.equiformer_v2_deprecated import EquiformerV2 as Reference
+from fairchem.core.models.equiformer_v2.trainers.lr_scheduler import CosineLRLambda
+
+from fairchem_equiformers import EquiformerV2, ForcesTrainer
+from fairchem_equiformers.training import LRScheduler, no_weight_decay_names
+
+from .conftest import TINY_V2, cli_config
+
+
+def scheduler_for(optim: dict, batches_per_epoch: int) -> LRScheduler:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=optim["lr_initial"])
+    return LRScheduler(optimizer, optim, batches_per_epoch)
+
+
+def lrs(scheduler: LRScheduler, batches: int) -> list[float]:
+    out = []
+    for _ in range(batches):
+        out.append(scheduler.get_lr())
+        scheduler.step()
+    return out
+
+
+COSINE = {
+    "lr_initial": 4e-4,
+    "max_epochs": 3,
+    "scheduler": "LambdaLR",
+    "scheduler_params": {
+        "lambda_type": "cosine",
+        "warmup_factor": 0.2,
+        "warmup_epochs": 0.5,
+        "lr_min_factor": 0.01,
+    },
+}
+
+
+def test_cosine_schedule_matches_closed_form_and_reference():
+    optim = copy.deepcopy(COSINE)
+    got = lrs(scheduler_for(optim, batches_per_epoch=10), 35)
+    assert optim == COSINE  # the user's config is not mutated
+    warmup, total = 5.0, 30.0
+    for step, lr in enumerate(got):
+        if step <= warmup:
+            expected = 0.2 + (1 - 0.2) * step / warmup
+        elif step < total:
+            expected = 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / total))
+        else:
+            expected = 0.01
+        assert lr == pytest.approx(4e-4 * expected, rel=1e-12)
+    # fairchem's EquiformerV2 trainer lambda, with the same steps (it needs integer epochs)
+    reference = CosineLRLambda(
+        {"warmup_epochs": 5, "warmup_factor": 0.2, "epochs": 30, "lr_min_factor": 0.01}
+    )
+    assert got == pytest.approx([4e-4 * reference(s) for s in range(35)], rel=1e-12)
+
+
+def test_warmup_shorter_than_one_batch_and_other_schedules():
+    short = copy.deepcopy(COSINE)
+    short["scheduler_params"]["warmup_epochs"] = 0.01  # 0.1 batch: the host trainer divides by zero
+    got = lrs(scheduler_for(short, batches_per_epoch=10), 3)
+    assert got[0] == pytest.approx(4e-4 * 0.2) and got[1] == pytest.approx(
+        4e-4 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 30)))
+    )
+
+    multistep = {
+        "lr_initial": 1e-3,
+        "max_epochs": 4,
+        "scheduler": "LambdaLR",
+        "scheduler_params": {
+            "lambda_type": "multistep",
+            "warmup_epochs": 0.2,
+            "warmup_factor": 0.5,
+            "decay_epochs": [1, 2.5],
+            "decay_rate": 0.1,
+        },
+    }
+    got = lrs(scheduler_for(multistep, batches_per_epoch=10), 40)
+    assert got[0] == pytest.approx(5e-4) and got[1] == pytest.approx(7.5e-4) and got[2] == pytest.approx(1e-3)
+    assert got[9] == pytest.approx(1e-3) and got[10] == pytest.approx(1e-4)
+    assert got[24] == pytest.approx(1e-4) and got[25] == pytest.approx(1e-5)
+
+    constant = {"lr_initial": 2e-3, "max_epochs": 1, "scheduler": "Null"}
+    assert lrs(scheduler_for(constant, 5), 5) == [2e-3] * 5
+
+
+def test_schedule_config_errors_name_the_key():
+    bad = copy.deepcopy(COSINE)
+    bad["scheduler_params"]["decay_rate"] = 0.1
+    with pytest.raises(ValueError, match="decay_rate"):
+        scheduler_for(bad, 10)
+    with pytest.raises(ValueError, match="lambda_type"):
+        scheduler_for({**COSINE, "scheduler_params": {"lambda_type": "linear"}}, 10)
+
+
+def test_weight_decay_groups_follow_the_official_rule():
+    config = {**TINY_V2, "num_layers": 1}
+    ours = EquiformerV2(**config)
+    exempt = no_weight_decay_names(ours)
+    reference = Reference(**config)
+    assert exempt == set(reference.no_weight_decay())  # the released model's own list
+    for name in [
+        "blocks.0.norm_1.norm_l0.weight",
+        "blocks.0.norm_1.affine_weight",
+        "blocks.0.ga.proj.bias",
+        "blocks.0.ga.alpha_norm.weight",
+        "blocks.0.ga.so2_conv_1.rad_func.net.1.bias",
+        "norm.affine_weight",
+    ]:
+        assert name in exempt
+    for name in [
+        "blocks.0.ga.so2_conv_1.fc_m0.weight",
+        "sphere_embedding.weight",
+        "blocks.0.ga.alpha_dot",
+        "blocks.0.ffn.grid_mlp.0.weight",
+        "blocks.0.ga.proj.weight",
+    ]:
+        assert name not in exempt
+
+
+def test_weight_decay_groups_for_a_fairchem_model():
+    reference = Reference(**{**TINY_V2, "num_layers": 1})
+    exempt = no_weight_decay_names(reference)
+    assert set(reference.no_weight_decay()) <= exempt
+    assert "blocks.0.ga.so2_conv_1.fc_m0.weight" not in exempt
+
+
+@contextlib.contextmanager
+def make_trainer(tmp_path: Path, config: dict, name: str, mode: str = "train", checkpoint: str | None = None):
+    """A trainer built by fairchem's own launcher code from ``config`` (as the CLI would)."""
+    run_dir = tmp_path / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [
+        "--mode",
+        mode,
+        "--config-yml",
+        str(path),
+        "--run-dir",
+        str(run_dir),
+        "--cpu",
+        "--identifier",
+        name,
+    ]
+    if checkpoint:
+        argv += ["--checkpoint", checkpoint]
+    args, overrides = flags.get_parser().parse_known_args(argv)
+    with new_trainer_context(config=build_config(args, overrides)) as ctx:
+        ctx.task.setup(ctx.trainer)  # loads --checkpoint, as fairchem's runner does
+        yield ctx.trainer
+
+
+MODEL = {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2, "num_layers": 1}
+
+
+def trainer_config(database, **optim):
+    config = cli_config(database, MODEL, **optim)
+    config["trainer"] = "fairchem_equiformers.ForcesTrainer"
+    return config
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_2x4_equals_1x8(emt_database, tmp_path):
+    """Same update (SGD, so the update is the gradient itself; equal-size structures)."""
+    weights = {}
+    for name, batch, steps in [("one_by_eight", 8, 1), ("two_by_four", 4, 2)]:
+        config = trainer_config(
+            emt_database, batch_size=batch, grad_accumulation_steps=steps, eval_every=100, optimizer="SGD"
+        )
+        with make_trainer(tmp_path, config, name) as trainer:
+            assert isinstance(trainer, ForcesTrainer)
+            start = flat_params(trainer.model)
+            trainer.train()
+            weights[name] = flat_params(trainer.model)
+            assert not torch.equal(weights[name], start)
+    torch.testing.assert_close(weights["two_by_four"], weights["one_by_eight"], rtol=1e-5, atol=1e-7)
+
+
+def test_ema_weights_are_used_for_validation_and_saved(emt_database, tmp_path):
+    config = trainer_config(
+        emt_database, ema_decay=0.5, max_epochs=2, eval_every=100, checkpoint_every=4, lr_initial=5e-3
+    )
+    with make_trainer(tmp_path, config, "ema") as trainer:
+        trainer.train()
+        with_ema = trainer.validate(split="val", disable_tqdm=True)["forces_mae"]["metric"]
+        ema, trainer.ema = trainer.ema, None
+        raw = trainer.validate(split="val", disable_tqdm=True)["forces_mae"]["metric"]
+        ema.store()
+        ema.copy_to()
+        manual = trainer.validate(split="val", disable_tqdm=True)["forces_mae"]["metric"]
+        ema.restore()
+        checkpoint = Path(trainer.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt"
+    assert with_ema == pytest.approx(manual, rel=1e-6)
+    assert abs(with_ema - raw) > 1e-6 * raw
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["ema"] is not None and saved["ema"]["decay"] == 0.5
+
+
+def test_checkpoints_are_written_atomically(emt_database, tmp_path, monkeypatch):
+    with make_trainer(tmp_path, trainer_config(emt_database, eval_every=100), "atomic") as trainer:
+        path = Path(trainer.save(checkpoint_file="checkpoint.pt"))
+        good = path.read_bytes()
+
+        def crash(state, filename, *args, **kwargs):
+            Path(filename).write_bytes(b"partial")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(torch, "save", crash)
+        with pytest.raises(OSError, match="disk full"):
+            trainer.save(checkpoint_file="checkpoint.pt")
+    assert path.read_bytes() == good  # the previous checkpoint is intact
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint.pt"
+    ]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_mid_epoch_continues_exactly(emt_database, tmp_path):
+    """Killed after step 3 (checkpoint every step), resumed with --checkpoint: same step, lr,
+    EMA and final weights as an uninterrupted run."""
+    optim = dict(
+        max_epochs=2,
+        batch_size=2,
+        eval_every=100,
+        checkpoint_every=1,
+        ema_decay=0.9,
+        scheduler="LambdaLR",
+        scheduler_params={
+            "lambda_type": "cosine",
+            "warmup_epochs": 0.5,
+            "warmup_factor": 0.2,
+            "lr_min_factor": 0.01,
+        },
+    )
+    config = trainer_config(emt_database, **optim)
+    with make_trainer(tmp_path, config, "full") as full:
+        full.train()
+        full_weights, full_ema = (
+            flat_params(full.model),
+            torch.cat([p.flatten() for p in full.ema.shadow_params]),
+        )
+        assert full.step == 8
+
+    with make_trainer(tmp_path, config, "killed") as killed:
+        original = killed._backward
+
+        def backward_then_die(loss):
+            if killed.step == 4:
+                raise Killed
+            original(loss)
+
+        killed._backward = backward_then_die
+        with pytest.raises(Killed):
+            killed.train()
+        checkpoint = Path(killed.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["step"] == 3
+
+    with make_trainer(tmp_path, config, "resumed", checkpoint=str(checkpoint)) as resumed:
+        assert resumed.step == 3
+        expected_lr = 1e-3 * resumed.scheduler.lr_lambda(3)
+        assert resumed.scheduler.get_lr() == pytest.approx(expected_lr)
+        torch.testing.assert_close(
+            torch.cat([p.flatten() for p in resumed.ema.shadow_params]),
+            torch.cat([torch.as_tensor(p).flatten() for p in state["ema"]["shadow_params"]]),
+        )
+        resumed.train()
+        assert resumed.step == 8
+        torch.testing.assert_close(flat_params(resumed.model), full_weights, rtol=1e-5, atol=1e-7)
+        resumed_ema = torch.cat([p.flatten() for p in resumed.ema.shadow_params])
+        torch.testing.assert_close(resumed_ema, full_ema, rtol=1e-5, atol=1e-7)
