@@ -160,9 +160,13 @@ def make_trainer(tmp_path: Path, config: dict, name: str, mode: str = "train", c
     if checkpoint:
         argv += ["--checkpoint", checkpoint]
     args, overrides = flags.get_parser().parse_known_args(argv)
-    with new_trainer_context(config=build_config(args, overrides)) as ctx:
-        ctx.task.setup(ctx.trainer)  # loads --checkpoint, as fairchem's runner does
-        yield ctx.trainer
+    try:
+        with new_trainer_context(config=build_config(args, overrides)) as ctx:
+            ctx.task.setup(ctx.trainer)  # loads --checkpoint, as fairchem's runner does
+            yield ctx.trainer
+    finally:  # a trainer that failed to build leaves fairchem's process group behind
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 MODEL = {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2, "num_layers": 1}
@@ -290,3 +294,10 @@ def test_resume_after_kill_mid_epoch_continues_exactly(emt_database, tmp_path):
         torch.testing.assert_close(flat_params(resumed.model), full_weights, rtol=1e-5, atol=1e-7)
         resumed_ema = torch.cat([p.flatten() for p in resumed.ema.shadow_params])
         torch.testing.assert_close(resumed_ema, full_ema, rtol=1e-5, atol=1e-7)
+
+
+def test_misspelt_optim_key_is_an_error(emt_database, tmp_path):
+    config = trainer_config(emt_database, lr_intial=1e-3)
+    with pytest.raises(ValueError, match="lr_intial"):
+        with make_trainer(tmp_path, config, "typo"):
+            pass

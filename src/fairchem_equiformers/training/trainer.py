@@ -31,16 +31,35 @@ from .param_groups import parameter_groups
 from .schedule import LRScheduler
 
 
+# Every ``optim`` key this trainer or the host trainer reads; anything else is a typo.
+OPTIM_KEYS = {
+    "batch_size", "eval_batch_size", "load_balancing", "load_balancing_on_error", "num_workers",
+    "optimizer", "optimizer_params", "lr_initial", "scheduler", "scheduler_params", "max_epochs",
+    "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
+    "checkpoint_format", "load_datasets_and_model_then_exit",
+}  # fmt: skip
+
+
+def check_optim_keys(optim: dict) -> None:
+    unknown = sorted(set(optim) - OPTIM_KEYS)
+    if unknown:
+        raise ValueError(f"unknown optim key(s) {unknown}; this trainer reads {sorted(OPTIM_KEYS)}")
+
+
 @registry.register_trainer("fairchem_equiformers.ForcesTrainer")
 class ForcesTrainer(OCPTrainer):
     """Energy and force training with the EquiformerV2 recipe (see the module docstring).
 
     The task is S2EF whatever name the launcher passes (fairchem names tasks after its own
-    trainers), so evaluation defaults and ``s2ef_predictions.npz`` match the host's ``forces``."""
+    trainers), so evaluation defaults and ``s2ef_predictions.npz`` match the host's ``forces``.
+    Checkpoints record this trainer's registered name, so ``OCPCalculator(checkpoint_path=...)``
+    needs no ``trainer=`` argument."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["name"] = "s2ef"
+        check_optim_keys(kwargs.get("optimizer") or {})
         super().__init__(*args, **kwargs)
+        self.config["trainer"] = "fairchem_equiformers.ForcesTrainer"
 
     def load_optimizer(self) -> None:
         optim = self.config["optim"]
