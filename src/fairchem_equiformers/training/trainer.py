@@ -30,7 +30,6 @@ from fairchem.core.trainers import OCPTrainer
 from .param_groups import parameter_groups
 from .schedule import LRScheduler
 
-
 # Every ``optim`` key this trainer or the host trainer reads; anything else is a typo.
 OPTIM_KEYS = {
     "batch_size", "eval_batch_size", "load_balancing", "load_balancing_on_error", "num_workers",
