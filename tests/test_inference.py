@@ -21,9 +21,20 @@ def trained_checkpoint(emt_database, tmp_path_factory):
     """A full training checkpoint (optimizer, scheduler, EMA) from the plugin's trainer."""
     run_dir = tmp_path_factory.mktemp("train")
     config = cli_config(
-        emt_database, MODEL, max_epochs=3, eval_every=4, ema_decay=0.9, lr_initial=2e-3, scheduler="LambdaLR",
-        scheduler_params={"lambda_type": "cosine", "warmup_epochs": 0.3, "warmup_factor": 0.2, "lr_min_factor": 0.01},
-    )  # fmt: skip
+        emt_database,
+        MODEL,
+        max_epochs=3,
+        eval_every=4,
+        ema_decay=0.9,
+        lr_initial=2e-3,
+        scheduler="LambdaLR",
+        scheduler_params={
+            "lambda_type": "cosine",
+            "warmup_epochs": 0.3,
+            "warmup_factor": 0.2,
+            "lr_min_factor": 0.01,
+        },
+    )
     config["trainer"] = "fairchem_equiformers.ForcesTrainer"
     run_fairchem(config, run_dir, "--mode", "train", "--identifier", "trained")
     (checkpoint,) = run_dir.glob("checkpoints/*/checkpoint.pt")
