@@ -45,11 +45,21 @@ class EdgeContext:
     num_nodes: int
 
 
-def element_embedding(max_num_elements: int, channels: int) -> nn.Embedding:
-    """An element embedding for edge scalars, initialised near zero."""
-    embedding = nn.Embedding(max_num_elements, channels)
-    nn.init.uniform_(embedding.weight, -0.001, 0.001)
-    return embedding
+def attach_element_embeddings(
+    module: nn.Module, enabled: bool, max_num_elements: int, radial_channels: list[int]
+) -> list[int]:
+    """Give ``module`` ``source_embedding``/``target_embedding`` (element embeddings of width
+    ``radial_channels[-1]``, initialised near zero; the released parameter names) when
+    ``enabled``, else ``None``. Returns the radial MLP sizes widened for them."""
+    radial_channels = list(radial_channels)
+    module.source_embedding = module.target_embedding = None
+    if enabled:
+        for name in ("source_embedding", "target_embedding"):
+            embedding = nn.Embedding(max_num_elements, radial_channels[-1])
+            nn.init.uniform_(embedding.weight, -0.001, 0.001)
+            setattr(module, name, embedding)
+        radial_channels[0] += 2 * radial_channels[-1]
+    return radial_channels
 
 
 def with_element_embeddings(
@@ -104,12 +114,9 @@ class SO2GraphAttention(nn.Module):
         self.use_gate_act = use_gate_act
         self.use_sep_s2_act = use_sep_s2_act
 
-        radial_channels = list(radial_channels)
-        self.source_embedding = self.target_embedding = None
-        if use_atom_edge_embedding:
-            self.source_embedding = element_embedding(max_num_elements, radial_channels[-1])
-            self.target_embedding = element_embedding(max_num_elements, radial_channels[-1])
-            radial_channels[0] += 2 * radial_channels[-1]
+        radial_channels = attach_element_embeddings(
+            self, use_atom_edge_embedding, max_num_elements, radial_channels
+        )
 
         lmax = layout.lmax
         num_gates = 0

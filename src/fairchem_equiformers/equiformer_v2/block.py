@@ -12,7 +12,7 @@ from fairchem_equiformers.primitives import (
     equivariant_norm,
 )
 
-from .attention import EdgeContext, SO2GraphAttention, element_embedding, with_element_embeddings
+from .attention import EdgeContext, SO2GraphAttention, attach_element_embeddings, with_element_embeddings
 from .feed_forward import FeedForward
 
 
@@ -37,12 +37,9 @@ class EdgeDegreeEmbedding(nn.Module):
         self.lmax = lmax
         self.sphere_channels = sphere_channels
         self.avg_degree = avg_degree
-        radial_channels = list(radial_channels)
-        self.source_embedding = self.target_embedding = None
-        if use_atom_edge_embedding:
-            self.source_embedding = element_embedding(max_num_elements, radial_channels[-1])
-            self.target_embedding = element_embedding(max_num_elements, radial_channels[-1])
-            radial_channels[0] += 2 * radial_channels[-1]
+        radial_channels = attach_element_embeddings(
+            self, use_atom_edge_embedding, max_num_elements, radial_channels
+        )
         self.rad_func = RadialMLP([*radial_channels, (lmax + 1) * sphere_channels])
 
     def forward(self, edges: EdgeContext) -> torch.Tensor:

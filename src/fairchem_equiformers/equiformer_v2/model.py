@@ -34,7 +34,7 @@ from fairchem_equiformers.primitives import (
     radius_graph_nonperiodic,
 )
 
-from .attention import EdgeContext, SO2GraphAttention, element_embedding, with_element_embeddings
+from .attention import EdgeContext, SO2GraphAttention, attach_element_embeddings, with_element_embeddings
 from .block import EdgeDegreeEmbedding, TransformerBlock
 from .checkpoint import register_checkpoint_compatibility
 from .feed_forward import FeedForward
@@ -153,12 +153,12 @@ class EquiformerV2(nn.Module, GraphModelMixin):
 
         self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
         self.distance_expansion = GaussianBasis(0.0, max_radius, num_distance_basis, 2.0)
-        radial_channels = [num_distance_basis, edge_channels, edge_channels]
-        self.source_embedding = self.target_embedding = None
-        if share_atom_edge_embedding:
-            self.source_embedding = element_embedding(max_num_elements, edge_channels)
-            self.target_embedding = element_embedding(max_num_elements, edge_channels)
-            radial_channels[0] += 2 * edge_channels
+        radial_channels = attach_element_embeddings(
+            self,
+            share_atom_edge_embedding,
+            max_num_elements,
+            [num_distance_basis, edge_channels, edge_channels],
+        )
         block_atom_edge_embedding = use_atom_edge_embedding and not share_atom_edge_embedding
 
         self.edge_grid = S2Grid(self.layout, grid_resolution, edge_layout=True)
