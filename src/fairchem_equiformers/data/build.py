@@ -1,0 +1,243 @@
+"""The two dataset builds: EMT-generated adsorbate/slab data, and conversion of the user's files.
+
+Both write, under ``out``::
+
+    s2ef/{train,val,test}/data.lmdb, metadata.npz   S2EF frames (y, force, ...)
+    is2re/{train,val,test}/...                      EMT only: IS2RE/IS2RS records
+    element_references.pt, normalizers.pt           fitted on s2ef/train (``references``)
+    manifest.json                                   parameters, counts, energy references
+    dataset.yml                                     the fairchem ``dataset`` config section
+
+A split with fraction 0 is not written; with fractions summing to 1 there is no train split (a
+held-out set) and no references are fitted.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .adsorbates import ADSORBATES, GAS_MOLECULES, atomic_references, gas_energies
+from .emt import SystemFrames, draw_spec, generate_system, system_rng
+from .errors import DataBuildError
+from .lmdb_writer import SplitWriters
+from .oc20_format import is2re_data, s2ef_data
+from .output import check_output, staged_output, write_dataset_config, write_manifest
+from .references import KEY_MAPPING, write_references
+from .slabs import METALS, relaxed_clean_slab
+from .splits import assign_splits, present_splits
+from .user_data import count_frames, read_frames
+
+DEFAULT_NUM_SYSTEMS = 200
+DEFAULT_MAX_FORCE = 20.0  # eV/A
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.1
+
+
+@dataclass
+class BuildReport:
+    """Where a build went: ``counts`` maps ``"s2ef/train"`` etc. to entries, ``files`` names the extras."""
+
+    out: Path
+    counts: dict[str, int]
+    files: dict[str, Path]
+    dropped_frames: int = 0
+    is2re_excluded: int = 0
+
+
+def check_choices(given: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:
+    """``given`` as a list, or ``DataBuildError`` naming the unknown entries and the allowed ones."""
+    given, allowed = list(given), list(allowed)
+    unknown = [name for name in given if name not in allowed]
+    if unknown or not given:
+        listed = ", ".join(unknown) or "(none given)"
+        raise DataBuildError(f"unknown {what}(s) for EMT: {listed}; choose from {', '.join(allowed)}")
+    return given
+
+
+@contextmanager
+def worker_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+    """An ordered, lazy ``map``: the builtin for one worker, a process pool's ``imap`` otherwise."""
+    if workers == 1:
+        yield map
+        return
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield partial(pool.imap, chunksize=1)
+
+
+def _finish(
+    stage: Path, out: Path, splits: list[str], counts: dict[str, int], seed: int, manifest: dict[str, Any]
+) -> dict[str, Path]:
+    """Fit references on the train split (if any), write the manifest and config snippet.
+
+    Returns the written files by name, as paths under ``out``.
+    """
+    files = {}
+    if "train" in splits:
+        train = stage / "s2ef" / "train"
+        files["element_references"], files["normalizers"] = write_references(stage, train, seed)
+    manifest = {**manifest, "counts": counts, "key_mapping": KEY_MAPPING}
+    files["manifest"] = write_manifest(stage, manifest)
+    files["dataset_config"] = write_dataset_config(stage, out, splits)
+    return {name: out / path.name for name, path in files.items()}
+
+
+def build_emt_dataset(
+    out: Path,
+    *,
+    seed: int = 0,
+    num_systems: int = DEFAULT_NUM_SYSTEMS,
+    metals: Iterable[str] = METALS,
+    adsorbates: Iterable[str] = tuple(ADSORBATES),
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    max_force: float = DEFAULT_MAX_FORCE,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Generate ``num_systems`` EMT adsorbate/slab systems (``emt`` module) and write the dataset.
+
+    Systems, not frames, are split, so no system has frames in two splits. The content depends
+    only on the arguments other than ``workers``/``progress``: the same seed gives the same bytes in
+    every file but ``dataset.yml`` (which names ``out``).
+    """
+    metals = check_choices(metals, METALS, "metal")
+    adsorbates = check_choices(adsorbates, ADSORBATES, "adsorbate")
+    if num_systems < 1 or workers < 1 or max_force <= 0:
+        raise DataBuildError("--num-systems and --workers must be at least 1 and --max-force positive")
+    split_of = assign_splits(num_systems, val_fraction, test_fraction, seed)
+    splits = present_splits(split_of)
+    parameters = {
+        "source": "emt",
+        "seed": seed,
+        "num_systems": num_systems,
+        "metals": metals,
+        "adsorbates": adsorbates,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "max_force_eV_per_A": max_force,
+    }
+    with staged_output(out, overwrite) as stage:
+        gas = gas_energies()
+        references = atomic_references(gas)
+        slab_keys = sorted(
+            {draw_spec(sid, system_rng(seed, sid), metals, adsorbates).slab for sid in range(num_systems)},
+            key=repr,
+        )
+        report = BuildReport(out=out, counts={}, files={})
+        with worker_map(workers) as pmap:  # workers fork before any LMDB is open
+            relaxed = pmap(relaxed_clean_slab, slab_keys)
+            bar = tqdm(relaxed, total=len(slab_keys), desc="clean slabs", disable=not progress)
+            clean_slabs = dict(zip(slab_keys, bar))
+            generate = partial(
+                generate_system,
+                seed=seed,
+                metals=metals,
+                adsorbates=adsorbates,
+                clean_slabs=clean_slabs,
+                references=references,
+                max_force=max_force,
+            )
+            s2ef, is2re = SplitWriters(stage, "s2ef", splits), SplitWriters(stage, "is2re", splits)
+            try:
+                systems = pmap(generate, range(num_systems))
+                for result in tqdm(systems, total=num_systems, desc="EMT systems", disable=not progress):
+                    _write_system(result, split_of[result.spec.sid], s2ef, is2re, report)
+            except BaseException:
+                s2ef.abort()
+                is2re.abort()
+                raise
+        report.counts = {**s2ef.close(), **is2re.close()}
+        manifest = {
+            **parameters,
+            "dropped_frames": report.dropped_frames,
+            "is2re_excluded_systems": report.is2re_excluded,
+            "energy": _emt_energy_description(gas, references),
+        }
+        report.files = _finish(stage, out, splits, report.counts, seed, manifest)
+    return report
+
+
+def _emt_energy_description(gas: dict[str, float], references: dict[str, float]) -> dict[str, Any]:
+    """The manifest's account of the EMT energies: definition, gas energies and atomic references (eV)."""
+    return {
+        "y": "adsorption energy (eV): E(system) - E(relaxed clean slab) - sum E_ref(adsorbate atoms)",
+        "atomic_references": "H: E(H2)/2, O: E(H2O)-E(H2), C: E(CO)-E(H2O)+E(H2), N: E(N2)/2",
+        "gas_energies_eV": {name: gas[name] for name in GAS_MOLECULES},
+        "atomic_references_eV": references,
+        "calculator": "ase.calculators.emt.EMT",
+    }
+
+
+def _write_system(
+    result: SystemFrames, split: str, s2ef: SplitWriters, is2re: SplitWriters, report: BuildReport
+) -> None:
+    """Write one system's S2EF frames and IS2RE record (if usable) to ``split``; update the counts."""
+    sid = result.spec.sid
+    for fid, frame in enumerate(result.frames):
+        s2ef.add(split, s2ef_data(frame.atoms, frame.energy, frame.forces, sid=sid, fid=fid))
+    report.dropped_frames += result.dropped
+    if result.is2re_ok:
+        initial, relaxed = result.initial, result.relaxed
+        is2re.add(split, is2re_data(initial.atoms, relaxed.atoms, initial.energy, relaxed.energy, sid=sid))
+    else:
+        report.is2re_excluded += 1
+
+
+def convert_user_data(
+    input_path: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    energy_key: str | None = None,
+    forces_key: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BuildReport:
+    """Convert every frame of ``input_path`` (``user_data`` module) to S2EF LMDBs, split by frame.
+
+    Frame ``i`` of the file gets ``sid = i`` and ``fid = 0``; the split is a seeded permutation of
+    the frames (frames of one trajectory may land in different splits).
+    """
+    if not input_path.is_file():
+        raise DataBuildError(f"input file not found: {input_path}")
+    check_output(out, overwrite)  # before the slow validation of every frame
+    num_frames = count_frames(input_path, energy_key, forces_key)
+    split_of = assign_splits(num_frames, val_fraction, test_fraction, seed)
+    if split_of.count("train") == 1:
+        raise DataBuildError(
+            f"{num_frames} frames give 1 training frame; fitting the references needs at least 2"
+        )
+    splits = present_splits(split_of)
+    report = BuildReport(out=out, counts={}, files={})
+    with staged_output(out, overwrite) as stage:
+        writers = SplitWriters(stage, "s2ef", splits)
+        try:
+            frames = read_frames(input_path, energy_key, forces_key)
+            for sid, frame in enumerate(tqdm(frames, total=num_frames, desc="frames", disable=not progress)):
+                writers.add(split_of[sid], s2ef_data(frame.atoms, frame.energy, frame.forces, sid=sid, fid=0))
+        except BaseException:
+            writers.abort()
+            raise
+        report.counts = writers.close()
+        manifest = {
+            "source": "convert",
+            "input": str(input_path),
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "test_fraction": test_fraction,
+            "energy": {"y": "the input's energy (eV), unreferenced", "energy_key": energy_key},
+            "forces_key": forces_key,
+        }
+        report.files = _finish(stage, out, splits, report.counts, seed, manifest)
+    return report

@@ -1,0 +1,135 @@
+"""``fairchem-equiformers-data``: build the embedded EMT dataset or convert the user's own data.
+
+    fairchem-equiformers-data emt --out data/emt [--seed 0] [--num-systems 200] [--workers 2]
+    fairchem-equiformers-data convert --input my.extxyz --out data/mine [--val-fraction 0.1]
+
+Both print where each output went and the number of entries per split. Problems with the input or
+the output folder are reported as one ``error:`` line (exit status 1), without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .adsorbates import ADSORBATES
+from .build import (
+    DEFAULT_MAX_FORCE,
+    DEFAULT_NUM_SYSTEMS,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    BuildReport,
+    build_emt_dataset,
+    convert_user_data,
+)
+from .errors import DataBuildError
+from .slabs import METALS
+
+
+def _names(text: str) -> list[str]:
+    """A comma-separated list, e.g. ``"Cu,Pt"``."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (the default number of EMT worker processes)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    """Options shared by both subcommands."""
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (systems and splits)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    parser.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is a dataset written by this tool"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with the ``emt`` and ``convert`` subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="fairchem-equiformers-data",
+        description="Write OC20-style LMDB datasets, fitted normalizers and linear references for fairchem.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    emt = commands.add_parser("emt", help="generate adsorbate/slab data with ASE's EMT calculator")
+    _add_common(emt)
+    emt.add_argument("--num-systems", type=int, default=DEFAULT_NUM_SYSTEMS, help="adsorbate/slab systems")
+    emt.add_argument("--metals", type=_names, default=list(METALS), help=f"comma list of {','.join(METALS)}")
+    emt.add_argument(
+        "--adsorbates", type=_names, default=list(ADSORBATES), help=f"comma list of {','.join(ADSORBATES)}"
+    )
+    emt.add_argument(
+        "--max-force", type=float, default=DEFAULT_MAX_FORCE, help="drop frames with a larger force (eV/A)"
+    )
+    emt.add_argument(
+        "--workers", type=int, default=_available_cpus(), help="processes (the data does not depend on it)"
+    )
+
+    convert = commands.add_parser("convert", help="convert a labelled file ASE reads (extxyz, db, traj)")
+    _add_common(convert)
+    convert.add_argument("--input", type=Path, required=True, help="file with energies and forces")
+    convert.add_argument("--energy-key", help="read energies from atoms.info[KEY] instead of the calculator")
+    convert.add_argument("--forces-key", help="read forces from atoms.arrays[KEY] instead of the calculator")
+    return parser
+
+
+def run(args: argparse.Namespace) -> BuildReport:
+    """Dispatch the parsed arguments to the build."""
+    common = {
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "overwrite": args.overwrite,
+    }
+    if args.command == "emt":
+        return build_emt_dataset(
+            args.out,
+            num_systems=args.num_systems,
+            metals=args.metals,
+            adsorbates=args.adsorbates,
+            max_force=args.max_force,
+            workers=args.workers,
+            **common,
+        )
+    return convert_user_data(
+        args.input, args.out, energy_key=args.energy_key, forces_key=args.forces_key, **common
+    )
+
+
+def print_report(report: BuildReport, max_force: float | None) -> None:
+    """Print the entries per split and where each output went."""
+    print(f"dataset written to {report.out}")
+    for name, count in report.counts.items():
+        unit = "systems" if name.startswith("is2re") else "frames"
+        print(f"  {name:<12} {count:>7} {unit:<8} {report.out / name}")
+    if max_force is not None:
+        print(f"  dropped {report.dropped_frames} frame(s) with a force above {max_force} eV/A")
+        print(f"  {report.is2re_excluded} system(s) not in is2re (relaxation unconverged or start dropped)")
+    for name, path in report.files.items():
+        print(f"  {name:<19} {path}")
+    if "normalizers" not in report.files:
+        print("  no train split: no element_references.pt/normalizers.pt (use the training dataset's)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except DataBuildError as error:
+        print(f"fairchem-equiformers-data: error: {error}", file=sys.stderr)
+        return 1
+    print_report(report, args.max_force if args.command == "emt" else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
