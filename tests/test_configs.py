@@ -1,0 +1,340 @@
+"""The shipped training configs (``configs/**/*.yml``): each loads with fairchem's own config loader,
+builds its trainer and FULL-SIZE model through fairchem's launcher code, and takes one training step
+on tiny EMT data; the released models have their released parameter counts; and misspelt keys fail."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.db import connect
+from fairchem.core.common import distutils
+from fairchem.core.common.flags import flags
+from fairchem.core.common.utils import build_config, load_config, new_trainer_context
+
+from fairchem_equiformers import ForcesTrainer
+
+from .conftest import TINY_V2
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yml"))
+CONFIG_IDS = [str(path.relative_to(CONFIG_DIR)) for path in CONFIGS]
+RELAX_CONFIGS = [path for path in CONFIGS if "relax" in yaml.safe_load(path.read_text())["dataset"]]
+
+# Parameter counts of the released checkpoints (README), by shipped config.
+RELEASED_PARAMETERS = {
+    "oc20/s2ef/2M/equiformer_v2_N@12_L@6_M@2.yml": 83_164_802,  # eq2_83M_2M
+    "oc20/s2ef/all_md/equiformer_v2_N@8_L@4_M@2_31M.yml": 31_058_690,  # eq2_31M_ec4_allmd
+    "oc20/s2ef/all_md/equiformer_v2_N@20_L@6_M@3_153M.yml": 153_602_690,  # eq2_153M_ec4_allmd
+    "oc20/is2re/equiformer_v2_N@20_L@6_M@3_153M_relax.yml": 153_602_690,  # relaxes eq2_153M_ec4_allmd
+    "oc22/s2ef/equiformer_v2_N@18_L@6_M@2_e4_f100_121M.yml": 121_526_492,  # eq2_121M_e4_f100_oc22_s2ef
+}
+
+# The released recipes (per-GPU batch, lr, epochs, warmup epochs, energy and force loss coefficients,
+# gradient clipping, stochastic depth), from atomicarchitects/equiformer_v2 oc20/configs/s2ef/... and
+# FAIR-Chem/fairchem configs/oc22/s2ef/equiformer_v2/... (see each config's header).
+RECIPE_KEYS = ("batch", "lr", "epochs", "warmup_epochs", "energy", "forces", "clip", "drop_path")
+RELEASED_RECIPES = {
+    "oc20/s2ef/2M/equiformer_v2_N@12_L@6_M@2.yml": (4, 4e-4, 30, 0.1, 2, 100, 100, 0.05),
+    "oc20/s2ef/all_md/equiformer_v2_N@8_L@4_M@2_31M.yml": (8, 4e-4, 3, 0.01, 4, 100, 100, 0.1),
+    "oc20/s2ef/all_md/equiformer_v2_N@20_L@6_M@3_153M.yml": (4, 4e-4, 1, 0.01, 4, 100, 100, 0.1),
+    "oc20/is2re/equiformer_v2_N@20_L@6_M@3_153M_relax.yml": (4, 4e-4, 1, 0.01, 4, 100, 100, 0.1),
+    "oc22/s2ef/equiformer_v2_N@18_L@6_M@2_e4_f100_121M.yml": (4, 2e-4, 6, 0.1, 4, 100, 50, 0.1),
+}
+
+# Top-level keys of a config FILE that fairchem 1.10's launcher (`fairchem` = fairchem.core._cli:main)
+# reads for a single-task trainer; any other key is silently ignored by fairchem, so it is a typo here.
+LAUNCHER_KEYS = {
+    "includes",  # common/utils.py load_config
+    # common/utils.py new_trainer_context (-> trainer constructor) and _cli.py main (slurm)
+    "trainer", "model", "optim", "dataset", "task", "outputs", "loss_functions", "evaluation_metrics",
+    "logger", "slurm",
+    "hide_eval_progressbar",  # tasks/task.py
+    "timeout", "use_cuda_visibile_devices",  # common/distutils.py setup (the misspelling is fairchem's)
+    "skip_experimental_imports",  # common/utils.py setup_imports
+}  # fmt: skip
+# Read only when the trainer's name contains "multitask" (new_trainer_context).
+MULTITASK_KEYS = {"tasks", "datasets", "combined_dataset", "evaluations"}
+
+
+def cli_owned_keys(workdir: Path) -> set[str]:
+    """Keys that build_config sets from the command line, overwriting whatever a config file says
+    (mode, seed, amp, checkpoint, cpu, ...): in a file they would be silently ineffective."""
+    empty = workdir / "empty.yml"
+    empty.write_text("{}\n")
+    args, overrides = flags.get_parser().parse_known_args(["--mode", "train", "--config-yml", str(empty)])
+    return set(build_config(args, overrides))
+
+
+def unknown_top_level_keys(config: dict) -> list[str]:
+    allowed = set(LAUNCHER_KEYS)
+    if "multitask" in str(config.get("trainer", "")):
+        allowed |= MULTITASK_KEYS
+    return sorted(set(config) - allowed)
+
+
+def load_shipped(path: Path) -> dict:
+    """The config as fairchem loads it (includes resolved); shipped configs have none."""
+    config, duplicates_warning, duplicates_error = load_config(str(path))
+    assert not duplicates_warning and not duplicates_error
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tiny data in place of the released datasets
+
+
+def linear_reference_coefficients(database: Path) -> np.ndarray:
+    """Per-element energy references least-squares fitted on the tiny data (100 elements)."""
+    rows = list(connect(database).select())
+    counts = np.zeros((len(rows), 100))
+    for i, row in enumerate(rows):
+        np.add.at(counts[i], row.numbers, 1)
+    return np.linalg.lstsq(counts, np.array([row.energy for row in rows]), rcond=None)[0]
+
+
+def write_references(database: Path, out: Path) -> Path:
+    """A per-target element-reference file fitted on the tiny data, in the format its suffix implies:
+    OC22's legacy npz (`coeff`) or fairchem's .pt state dict."""
+    coeff = linear_reference_coefficients(database)
+    if out.suffix == ".npz":
+        np.savez(out, coeff=coeff)
+    else:
+        torch.save({"element_references": torch.tensor(coeff)}, out)
+    return out
+
+
+def write_metadata(database: Path, out: Path) -> Path:
+    """Atom counts per structure: what `load_balancing: atoms` reads (fairchem's make_lmdb_sizes)."""
+    np.savez(out, natoms=np.array([row.natoms for row in connect(database).select()], dtype=np.int32))
+    return out
+
+
+def tiny_transforms(shipped: dict, outputs: dict, database: Path, workdir: Path) -> dict:
+    """The shipped train transforms with every file that points at real data replaced: per-target
+    reference files by files fitted on the tiny data (same format), other reference or normalizer files
+    by fairchem's own fit on the tiny train set. Explicit normalizer values are kept as shipped."""
+    transforms = copy.deepcopy(shipped)
+    scalar_targets = [name for name, spec in outputs.items() if spec.get("level", "system") == "system"]
+    references = transforms.get("element_references")
+    if references:
+        if "file" in references:  # one file for all targets
+            references.pop("file")
+            references["fit"] = {"targets": scalar_targets, "batch_size": 4}
+        for target, settings in references.items():
+            if target != "fit" and "file" in settings:
+                suffix = Path(settings["file"]).suffix
+                settings["file"] = str(write_references(database, workdir / f"references_{target}{suffix}"))
+    normalizer = transforms.get("normalizer")
+    if normalizer:
+        to_fit = [t for t in outputs if t not in normalizer] if normalizer.pop("file", None) else []
+        for target in list(normalizer):
+            if target != "fit" and "file" in normalizer[target]:
+                normalizer.pop(target)
+                to_fit.append(target)
+        if to_fit:
+            normalizer["fit"] = {"targets": {t: {} for t in to_fit}, "batch_size": 4}
+    return transforms
+
+
+def tiny_datasets(shipped: dict, outputs: dict, database: Path, workdir: Path) -> dict:
+    """The shipped dataset section with every split replaced by the tiny ASE database; the train split
+    keeps its transforms (see tiny_transforms)."""
+    tiny = {
+        "format": "ase_db",
+        "src": str(database),
+        "a2g_args": {"r_energy": True, "r_forces": True},
+        "metadata_path": str(write_metadata(database, workdir / "metadata.npz")),
+    }
+    datasets = {split: dict(tiny) for split in ("train", "val", "test") if split in shipped}
+    datasets["train"] = dict(tiny)  # also where the shipped config has only transforms (relaxations)
+    transforms = shipped.get("train", {}).get("transforms")
+    if transforms:
+        datasets["train"]["transforms"] = tiny_transforms(transforms, outputs, database, workdir)
+    if "relax" in shipped:
+        datasets["relax"] = {**tiny, "use_train_settings": False}
+    return datasets
+
+
+@contextlib.contextmanager
+def build_trainer(config: dict, workdir: Path, name: str):
+    """The trainer fairchem's launcher builds from ``config`` (the code path of `fairchem --mode train`)."""
+    run_dir = workdir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    argv = ["--mode", "train", "--config-yml", str(path), "--run-dir", str(run_dir), "--cpu"]
+    args, overrides = flags.get_parser().parse_known_args([*argv, "--identifier", name])
+    try:
+        with new_trainer_context(config=build_config(args, overrides)) as ctx:
+            ctx.task.setup(ctx.trainer)
+            yield ctx.trainer
+    finally:  # a trainer that fails to build leaves fairchem's process group behind
+        if torch.distributed.is_initialized():
+            distutils.cleanup()
+
+
+def tiny_config(path: Path, database: Path, workdir: Path) -> dict:
+    """The shipped config with only its datasets replaced and batches of one structure (no workers)."""
+    config = load_shipped(path)
+    config["dataset"] = tiny_datasets(config["dataset"], config["outputs"], database, workdir)
+    config["optim"] |= {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0}
+    return config
+
+
+def one_training_step(trainer: ForcesTrainer) -> float:
+    """One iteration of fairchem's OCPTrainer.train loop: forward, loss, backward + optimizer step."""
+    trainer.model.train()
+    batch = next(iter(trainer.train_loader))
+    trainer.step = 1
+    out = trainer._forward(batch)
+    loss = trainer._compute_loss(out, batch)
+    trainer._backward(loss)
+    trainer.scheduler.step()
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_every_release_has_a_config():
+    assert set(RELEASED_PARAMETERS) <= set(CONFIG_IDS)
+    assert set(RELEASED_RECIPES) == set(RELEASED_PARAMETERS)
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_RECIPES))
+def test_released_recipe(name):
+    config = load_shipped(CONFIG_DIR / name)
+    optim = config["optim"]
+    coefficients = {k: v["coefficient"] for loss in config["loss_functions"] for k, v in loss.items()}
+    got = (
+        optim["batch_size"],
+        optim["lr_initial"],
+        optim["max_epochs"],
+        optim["scheduler_params"]["warmup_epochs"],
+        coefficients["energy"],
+        coefficients["forces"],
+        optim["clip_grad_norm"],
+        config["model"]["drop_path_rate"],
+    )
+    assert dict(zip(RECIPE_KEYS, got)) == dict(zip(RECIPE_KEYS, RELEASED_RECIPES[name]))
+    assert optim["optimizer"] == "AdamW" and optim["optimizer_params"] == {"weight_decay": 0.001}
+    schedule = optim["scheduler_params"]
+    assert optim["scheduler"] == "LambdaLR" and schedule["lambda_type"] == "cosine"
+    assert schedule["warmup_factor"] == 0.2 and schedule["lr_min_factor"] == 0.01
+    assert optim["ema_decay"] == 0.999 and optim.get("grad_accumulation_steps", 1) == 1
+    assert config["model"]["alpha_drop"] == 0.1 and config["model"]["weight_init"] == "uniform"
+
+
+def test_launcher_keys_are_not_command_line_keys(tmp_path):
+    cli_keys = cli_owned_keys(tmp_path)
+    assert {"mode", "seed", "amp", "checkpoint", "cpu", "identifier", "run_dir"} <= cli_keys
+    assert not (LAUNCHER_KEYS | MULTITASK_KEYS) & cli_keys
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+def test_config_is_self_contained_and_uses_current_keys(path):
+    raw = yaml.safe_load(path.read_text())
+    assert "includes" not in raw  # self-contained
+    assert unknown_top_level_keys(raw) == []
+    assert raw["trainer"].startswith("fairchem_equiformers.")
+    assert raw["model"]["name"].startswith("fairchem_equiformers.")
+    if str(path.relative_to(CONFIG_DIR)) in RELEASED_PARAMETERS:  # see the configs' comments
+        assert raw["model"]["num_distance_basis"] == 600 and "num_sphere_samples" not in raw["model"]
+    legacy = {"energy_coefficient", "force_coefficient", "loss_energy", "loss_force", "loss_forces"}
+    assert not legacy & set(raw["optim"])
+    assert raw["loss_functions"] and raw["outputs"] and raw["evaluation_metrics"]
+    for split in raw["dataset"].values():  # fairchem 1.10 ignores `lin_ref` in oc22_lmdb datasets
+        assert "lin_ref" not in split and "normalize_labels" not in split
+
+
+# ~1 minute for the whole file on 2 idle cores (the three >100M models ~13 s each), so not marked slow.
+@pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
+def test_config_builds_the_released_model_and_trains_one_step(path, emt_database, tmp_path):
+    config = tiny_config(path, emt_database, tmp_path)
+    with build_trainer(config, tmp_path, path.stem) as trainer:
+        assert isinstance(trainer, ForcesTrainer)
+        model = trainer._unwrapped_model
+        assert type(model).__module__.startswith("fairchem_equiformers.")
+        count = sum(p.numel() for p in model.parameters())
+        released = RELEASED_PARAMETERS.get(str(path.relative_to(CONFIG_DIR)))
+        if released is not None:
+            assert count == released
+        # the shipped normalisation and references are in place
+        transforms = config["dataset"]["train"].get("transforms", {})
+        for target, settings in transforms.get("normalizer", {}).items():
+            if target != "fit":
+                rmsd = settings.get("rmsd", settings.get("stdev"))
+                assert trainer.normalizers[target].mean.item() == pytest.approx(settings.get("mean", 0.0))
+                assert trainer.normalizers[target].rmsd.item() == pytest.approx(rmsd)
+        expected_references = set(transforms.get("element_references", {})) - {"fit"}
+        assert expected_references <= set(trainer.elementrefs)
+        assert len(trainer.loss_functions) == len(config["loss_functions"])
+
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = one_training_step(trainer)
+        assert math.isfinite(loss) and loss > 0
+        changed = sum(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+        assert changed > 0.5 * len(before)  # AdamW moved most tensors (some get no gradient)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", RELAX_CONFIGS, ids=[p.stem for p in RELAX_CONFIGS])
+def test_relaxation_config_runs_with_the_stock_cli(path, emt_database, tmp_path):
+    """`fairchem --mode run-relaxations` with the shipped dataset (a train split without data) and task
+    sections; only the relax path (tiny data) and, to keep it quick, the model (tiny) are swapped."""
+    tiny_model = {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2, "num_layers": 1}
+    config = tiny_config(path, emt_database, tmp_path) | {"model": tiny_model}
+    with build_trainer(config, tmp_path, "checkpoint") as trainer:
+        checkpoint = trainer.save(checkpoint_file="checkpoint.pt")
+
+    shipped = load_shipped(path)
+    shipped["model"] = tiny_model
+    tiny = tiny_datasets(shipped["dataset"], shipped["outputs"], emt_database, tmp_path)
+    shipped["dataset"]["relax"] = tiny["relax"]  # the train split stays as shipped
+    shipped["task"]["relaxation_steps"] = 2
+    shipped["task"]["relax_opt"]["traj_dir"] = str(tmp_path / "trajectories")
+    (tmp_path / "relax.yml").write_text(yaml.safe_dump(shipped))
+    fairchem = Path(sys.executable).with_name("fairchem")
+    argv = ["--mode", "run-relaxations", "--config-yml", str(tmp_path / "relax.yml"), "--cpu"]
+    argv += ["--checkpoint", checkpoint, "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run([str(fairchem), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "trajectories").glob("*.traj"))) == len(connect(emt_database))
+    assert len(list((tmp_path / "run").rglob("relaxed_positions.npz"))) == 1
+
+
+def test_misspelt_keys_fail(emt_database, tmp_path):
+    path = CONFIG_DIR / "oc20/s2ef/all_md/equiformer_v2_N@8_L@4_M@2_31M.yml"
+    config = tiny_config(path, emt_database, tmp_path)
+
+    bad_model = copy.deepcopy(config)
+    bad_model["model"]["num_layer"] = 8
+    with pytest.raises(TypeError, match="num_layer"):
+        with build_trainer(bad_model, tmp_path, "model_typo"):
+            pass
+
+    bad_optim = copy.deepcopy(config)
+    bad_optim["optim"]["lr_inital"] = 4e-4
+    with pytest.raises(ValueError, match="lr_inital"):
+        with build_trainer(bad_optim, tmp_path, "optim_typo"):
+            pass
+
+    bad_schedule = copy.deepcopy(config)
+    bad_schedule["optim"]["scheduler_params"]["warmup_epoch"] = 0.01
+    with pytest.raises(ValueError, match="warmup_epoch"):
+        with build_trainer(bad_schedule, tmp_path, "schedule_typo"):
+            pass
+
+    # fairchem ignores unknown top-level keys (and overwrites command-line ones), so the checker does
+    bad_top = copy.deepcopy(config) | {"optm": {"lr_initial": 1.0}, "seed": 3}
+    assert unknown_top_level_keys(bad_top) == ["optm", "seed"]
+    assert unknown_top_level_keys(config) == []
