@@ -15,6 +15,7 @@ submission file and a simulation, on a CPU in about ten minutes.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import subprocess
 import sys
@@ -53,7 +54,10 @@ def run(cmd: list[str], log: Path) -> str:
 
 def last_metrics(log: str) -> dict[str, float]:
     """The last value fairchem logged for each ``<name>: <number>`` metric."""
-    return {k: float(v) for k, v in re.findall(r"(energy_mae|forces_mae|forces_cosine_similarity): ([-0-9.e+]+)", log)}
+    return {
+        k: float(v)
+        for k, v in re.findall(r"(energy_mae|forces_mae|forces_cosine_similarity): ([-0-9.e+]+)", log)
+    }
 
 
 def mean_predictor_maes(data: Path) -> dict[str, float]:
@@ -79,8 +83,17 @@ def build_data(data: Path, logs: Path) -> dict[str, Path]:
     """The dataset and the three ood test sets; returns the four test splits."""
     if not (data / "manifest.json").exists():
         print(f"1. building the embedded EMT dataset in {data}")
-        run([tool("fairchem-equiformers-data"), "emt", "--out", str(data), "--seed", "0", "--num-systems", "100",
-             "--metals", METALS, "--adsorbates", ADSORBATES], logs / "data.log")  # fmt: skip
+        cmd = [
+            tool("fairchem-equiformers-data"),
+            "emt",
+            "--out",
+            str(data),
+            "--seed",
+            "0",
+            "--num-systems",
+            "100",
+        ]
+        run([*cmd, "--metals", METALS, "--adsorbates", ADSORBATES], logs / "data.log")
     tests = {"id": data / "s2ef" / "test"}
     for split, (metals, adsorbates) in OOD_SPLITS.items():
         out = data.parent / f"data_{split}"
@@ -112,7 +125,9 @@ def simulate(checkpoint: Path) -> dict[str, float]:
     atoms = fcc111("Cu", size=(2, 2, 3), vacuum=7.0)
     atoms.set_constraint(FixAtoms(mask=atoms.positions[:, 2] < atoms.positions[:, 2].min() + 0.1))
     add_adsorbate(atoms, "O", height=1.5, position="fcc")
+    logging.disable(logging.INFO)  # OCPCalculator logs its whole config
     atoms.calc = OCPCalculator(checkpoint_path=str(checkpoint), cpu=True, seed=0)
+    logging.disable(logging.NOTSET)
     optimizer = BFGS(atoms, logfile=None)
     converged = optimizer.run(fmax=0.05, steps=100)
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
@@ -130,7 +145,9 @@ def simulate(checkpoint: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--max-epochs", type=int, help="override the config's max_epochs (quick runs)")
     args = parser.parse_args(argv)
@@ -157,19 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = best if best.exists() else checkpoints / "checkpoint.pt"
 
     print(f"3. validating {checkpoint}")
-    metrics = last_metrics(fairchem("validate", run_dir, "demo-validate", logs, "--checkpoint", str(checkpoint), *data_overrides))
+    metrics = last_metrics(
+        fairchem("validate", run_dir, "demo-validate", logs, "--checkpoint", str(checkpoint), *data_overrides)
+    )
     baseline = mean_predictor_maes(data)
 
     print("4. predicting the four test splits and writing the EvalAI submission file")
     predictions = {}
     for split, src in tests.items():
         overrides = [*data_overrides[:2], f"--dataset.test.src={src}", *data_overrides[3:]]
-        fairchem("predict", run_dir, f"demo-predict-{split}", logs, "--checkpoint", str(checkpoint), *overrides)
+        fairchem(
+            "predict", run_dir, f"demo-predict-{split}", logs, "--checkpoint", str(checkpoint), *overrides
+        )
         predictions[split] = run_dir / "results" / f"demo-predict-{split}" / "s2ef_predictions.npz"
     submission = run_dir / "submission_s2ef.npz"
-    run([tool("fairchem-equiformers-submission"), "s2ef", "--id", str(predictions["id"]),
-         "--ood-ads", str(predictions["ood_ads"]), "--ood-cat", str(predictions["ood_cat"]),
-         "--ood-both", str(predictions["ood_both"]), "--out-path", str(submission)], logs / "submission.log")  # fmt: skip
+    splits = [f"--{split.replace('_', '-')}={path}" for split, path in predictions.items()]
+    run(
+        [tool("fairchem-equiformers-submission"), "s2ef", *splits, "--out-path", str(submission)],
+        logs / "submission.log",
+    )
 
     print("5. relaxation and NVE molecular dynamics through fairchem's OCPCalculator")
     md = simulate(checkpoint)
@@ -186,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = metrics[key] / baseline[key]
         print(f"  {key:<28}{metrics[key]:8.4f}   {baseline[key]:8.4f} {unit:<5}  {ratio:5.2f}")
     print(
-        f"\nASE: BFGS relaxation of Cu(111)+O ({md['natoms']} atoms) {'converged' if md['relaxed'] else 'stopped'} "
-        f"after {md['relaxation_steps']} steps; NVE 50 x 1 fs from 300 K: total-energy drift "
+        f"\nASE: BFGS relaxation of Cu(111)+O ({md['natoms']} atoms) "
+        f"{'converged' if md['relaxed'] else 'stopped'} after {md['relaxation_steps']} steps; "
+        "NVE 50 x 1 fs from 300 K: total-energy drift "
         f"{md['drift_ev']:+.4f} eV, largest deviation {md['max_deviation_ev']:.4f} eV (direct forces are not "
         "conservative)"
     )
