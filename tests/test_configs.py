@@ -309,7 +309,17 @@ def test_relaxation_config_runs_with_the_stock_cli(path, emt_database, tmp_path)
     result = subprocess.run([str(fairchem), *argv], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((tmp_path / "trajectories").glob("*.traj"))) == len(connect(emt_database))
-    assert len(list((tmp_path / "run").rglob("relaxed_positions.npz"))) == 1
+    (positions,) = (tmp_path / "run").rglob("relaxed_positions.npz")
+
+    # the relaxation outputs are what the IS2RE / IS2RS submission command reads
+    from fairchem_equiformers.submission import load_split
+
+    is2re = load_split("is2re", "id", tmp_path / "trajectories")
+    is2rs = load_split("is2rs", "id", positions)
+    num_systems = len(connect(emt_database))
+    assert is2re.n_systems == is2rs.n_systems == num_systems
+    assert np.isfinite(is2re.energy).all()
+    assert is2rs.n_atoms == sum(row.natoms for row in connect(emt_database).select())
 
 
 def test_misspelt_keys_fail(emt_database, tmp_path):
