@@ -115,15 +115,20 @@ def emt_database(tmp_path_factory) -> Path:
 
 
 def cli_config(database: Path, model: dict, **optim) -> dict:
-    """A fairchem S2EF config training ``model`` on ``database`` (train and val)."""
+    """A fairchem S2EF config training ``model`` on the ASE ``database`` (train and val)."""
     dataset = {"format": "ase_db", "src": str(database), "a2g_args": {"r_energy": True, "r_forces": True}}
+    return s2ef_config({"train": dataset, "val": dataset}, model, **optim)
+
+
+def s2ef_config(dataset: dict, model: dict, **optim) -> dict:
+    """A fairchem S2EF config (stock ``forces`` trainer) for a ``dataset`` section."""
     forces = {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}
     base_optim = {"batch_size": 2, "eval_batch_size": 4, "num_workers": 0, "lr_initial": 1e-3}
     base_optim |= {"optimizer": "AdamW", "max_epochs": 1, "eval_every": 2, "scheduler": "Null"}
     return {
         "trainer": "forces",
         "logger": {"name": "tensorboard"},
-        "dataset": {"train": dataset, "val": dataset},
+        "dataset": dataset,
         "outputs": {"energy": {"shape": 1, "level": "system"}, "forces": forces},
         "loss_functions": [
             {"energy": {"fn": "mae", "coefficient": 1}},

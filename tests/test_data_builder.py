@@ -35,7 +35,7 @@ from fairchem_equiformers.data.emt import draw_spec, system_rng
 from fairchem_equiformers.data.slabs import METALS, relaxed_clean_slab
 from fairchem_equiformers.data.splits import assign_splits
 
-from .conftest import TINY_V2
+from .conftest import TINY_V2, s2ef_config
 
 CLI = Path(sys.executable).parent / "fairchem-equiformers-data"
 KEY_MAPPING = {"y": "energy", "force": "forces"}
@@ -288,26 +288,11 @@ def test_references_load_through_fairchem_config_loaders(emt_dataset):
 def test_stock_fairchem_trains_on_the_dataset_config(emt_dataset, tmp_path):
     """``dataset.yml`` as the config's dataset section: fairchem's trainer reads the LMDBs (with
     ``load_balancing: atoms``), loads both files and trains."""
-    forces = {"irrep_dim": 1, "level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True}
-    optim = {"batch_size": 8, "eval_batch_size": 8, "num_workers": 0, "lr_initial": 1e-3}
-    optim |= {"optimizer": "AdamW", "max_epochs": 1, "eval_every": 4, "scheduler": "Null"}
-    optim |= {"load_balancing": "atoms"}
-    config = {
-        **yaml.safe_load((emt_dataset / "dataset.yml").read_text()),
-        "trainer": "forces",
-        "logger": {"name": "tensorboard"},
-        "outputs": {"energy": {"shape": 1, "level": "system"}, "forces": forces},
-        "loss_functions": [
-            {"energy": {"fn": "mae", "coefficient": 1}},
-            {"forces": {"fn": "l2mae", "coefficient": 10}},
-        ],
-        "evaluation_metrics": {
-            "metrics": {"energy": ["mae"], "forces": ["mae"]},
-            "primary_metric": "forces_mae",
-        },
-        "optim": optim,
-        "model": {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2},
-    }
+    dataset = yaml.safe_load((emt_dataset / "dataset.yml").read_text())["dataset"]
+    model = {"name": "fairchem_equiformers.EquiformerV2", **TINY_V2}
+    config = s2ef_config(
+        dataset, model, batch_size=8, eval_batch_size=8, eval_every=4, load_balancing="atoms"
+    )
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config))
     fairchem = str(Path(sys.executable).parent / "fairchem")
     args = ["--mode", "train", "--config-yml", "config.yml", "--run-dir", ".", "--cpu", "--identifier", "d"]
