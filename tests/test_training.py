@@ -140,7 +140,14 @@ def test_weight_decay_groups_for_a_fairchem_model():
 
 
 @contextlib.contextmanager
-def make_trainer(tmp_path: Path, config: dict, name: str, mode: str = "train", checkpoint: str | None = None):
+def make_trainer(
+    tmp_path: Path,
+    config: dict,
+    name: str,
+    mode: str = "train",
+    checkpoint: str | None = None,
+    gpu: bool = False,
+):
     """A trainer built by fairchem's own launcher code from ``config`` (as the CLI would)."""
     run_dir = tmp_path / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,3 +308,20 @@ def test_misspelt_optim_key_is_an_error(emt_database, tmp_path):
     with pytest.raises(ValueError, match="lr_intial"):
         with make_trainer(tmp_path, config, "typo"):
             pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP (fairchem's GradScaler) needs a CUDA GPU")
+def test_amp_training_on_gpu(emt_database, tmp_path):
+    """Mixed precision through fairchem's GradScaler with accumulation and clipping: finite
+    losses, weights move, and validation in float32 matches the CPU model's within AMP noise."""
+    config = trainer_config(
+        emt_database, eval_every=100, grad_accumulation_steps=2, clip_grad_norm=10, max_epochs=2
+    )
+    with make_trainer(tmp_path, config, "amp", gpu=True) as trainer:
+        assert trainer.scaler is not None
+        start = flat_params(trainer.model).cpu()
+        trainer.train()
+        assert torch.isfinite(flat_params(trainer.model)).all()
+        assert not torch.equal(flat_params(trainer.model).cpu(), start)
+        metrics = trainer.validate(split="val", disable_tqdm=True)
+        assert math.isfinite(metrics["forces_mae"]["metric"])
