@@ -228,6 +228,19 @@ def test_different_seed_gives_different_data(emt_dataset, tmp_path):
     assert not records(emt_dataset) & records(other)
 
 
+def test_first_sid_offsets_ids_only(emt_dataset, tmp_path):
+    """Separately built test sets get disjoint system ids; nothing else changes."""
+    shifted = build_emt_dataset(
+        tmp_path / "shifted", seed=0, num_systems=NUM_SYSTEMS, workers=1, progress=False, first_sid=1000
+    ).out
+    for split in SPLITS:
+        base, moved = list(s2ef(emt_dataset, split)), list(s2ef(shifted, split))
+        assert [int(d.sid) + 1000 for d in base] == [int(d.sid) for d in moved]
+        assert [float(d.energy) for d in base] == [float(d.energy) for d in moved]
+    with pytest.raises(DataBuildError, match="first-sid"):
+        build_emt_dataset(tmp_path / "bad", seed=0, num_systems=2, progress=False, first_sid=-1)
+
+
 def test_split_assignment_is_seeded_and_sized():
     a = assign_splits(20, 0.1, 0.2, seed=3)
     assert a == assign_splits(20, 0.1, 0.2, seed=3) != assign_splits(20, 0.1, 0.2, seed=4)

@@ -95,13 +95,22 @@ def build_data(data: Path, logs: Path) -> dict[str, Path]:
         ]
         run([*cmd, "--metals", METALS, "--adsorbates", ADSORBATES], logs / "data.log")
     tests = {"id": data / "s2ef" / "test"}
-    for split, (metals, adsorbates) in OOD_SPLITS.items():
+    for index, (split, (metals, adsorbates)) in enumerate(OOD_SPLITS.items(), start=1):
         out = data.parent / f"data_{split}"
         if not (out / "manifest.json").exists():
             print(f"1. building the {split} test set in {out}")
-            run([tool("fairchem-equiformers-data"), "emt", "--out", str(out), "--seed", "1",
-                 "--num-systems", "12", "--metals", metals, "--adsorbates", adsorbates,
-                 "--val-fraction", "0", "--test-fraction", "1"], logs / f"data_{split}.log")  # fmt: skip
+            cmd = [
+                tool("fairchem-equiformers-data"),
+                "emt",
+                "--out",
+                str(out),
+                "--seed",
+                "1",
+                "--num-systems",
+                "12",
+            ]
+            cmd += ["--first-sid", str(100_000 * index), "--metals", metals, "--adsorbates", adsorbates]
+            run([*cmd, "--val-fraction", "0", "--test-fraction", "1"], logs / f"data_{split}.log")
         tests[split] = out / "s2ef" / "test"
     return tests
 

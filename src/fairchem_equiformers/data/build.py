@@ -102,8 +102,12 @@ def build_emt_dataset(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    first_sid: int = 0,
 ) -> BuildReport:
     """Generate ``num_systems`` EMT adsorbate/slab systems (``emt`` module) and write the dataset.
+
+    Systems are written with ids ``first_sid ..``; give separately built test sets disjoint ranges
+    so that their ids stay unique in one submission (the content does not depend on it).
 
     Systems, not frames, are split, so no system has frames in two splits. The content depends
     only on the arguments other than ``workers``/``progress``: the same seed gives the same bytes in
@@ -111,8 +115,10 @@ def build_emt_dataset(
     """
     metals = check_choices(metals, METALS, "metal")
     adsorbates = check_choices(adsorbates, ADSORBATES, "adsorbate")
-    if num_systems < 1 or workers < 1 or max_force <= 0:
-        raise DataBuildError("--num-systems and --workers must be at least 1 and --max-force positive")
+    if num_systems < 1 or workers < 1 or max_force <= 0 or first_sid < 0:
+        raise DataBuildError(
+            "--num-systems and --workers must be at least 1, --max-force positive and --first-sid >= 0"
+        )
     split_of = assign_splits(num_systems, val_fraction, test_fraction, seed)
     splits = present_splits(split_of)
     parameters = {
@@ -124,6 +130,7 @@ def build_emt_dataset(
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "max_force_eV_per_A": max_force,
+        "first_sid": first_sid,
     }
     with staged_output(out, overwrite) as stage:
         gas = gas_energies()
@@ -150,7 +157,7 @@ def build_emt_dataset(
             try:
                 systems = pmap(generate, range(num_systems))
                 for result in tqdm(systems, total=num_systems, desc="EMT systems", disable=not progress):
-                    _write_system(result, split_of[result.spec.sid], s2ef, is2re, report)
+                    _write_system(result, split_of[result.spec.sid], s2ef, is2re, report, first_sid)
             except BaseException:
                 s2ef.abort()
                 is2re.abort()
@@ -178,10 +185,15 @@ def _emt_energy_description(gas: dict[str, float], references: dict[str, float])
 
 
 def _write_system(
-    result: SystemFrames, split: str, s2ef: SplitWriters, is2re: SplitWriters, report: BuildReport
+    result: SystemFrames,
+    split: str,
+    s2ef: SplitWriters,
+    is2re: SplitWriters,
+    report: BuildReport,
+    first_sid: int,
 ) -> None:
     """Write one system's S2EF frames and IS2RE record (if usable) to ``split``; update the counts."""
-    sid = result.spec.sid
+    sid = first_sid + result.spec.sid
     for fid, frame in enumerate(result.frames):
         s2ef.add(split, s2ef_data(frame.atoms, frame.energy, frame.forces, sid=sid, fid=fid))
     report.dropped_frames += result.dropped

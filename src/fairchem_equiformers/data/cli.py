@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     emt = commands.add_parser("emt", help="generate adsorbate/slab data with ASE's EMT calculator")
     _add_common(emt)
     emt.add_argument("--num-systems", type=int, default=DEFAULT_NUM_SYSTEMS, help="adsorbate/slab systems")
+    emt.add_argument("--first-sid", type=int, default=0, help="id of the first system (disjoint test sets)")
     emt.add_argument("--metals", type=_names, default=list(METALS), help=f"comma list of {','.join(METALS)}")
     emt.add_argument(
         "--adsorbates", type=_names, default=list(ADSORBATES), help=f"comma list of {','.join(ADSORBATES)}"
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> BuildReport:
             adsorbates=args.adsorbates,
             max_force=args.max_force,
             workers=args.workers,
+            first_sid=args.first_sid,
             **common,
         )
     return convert_user_data(
