@@ -9,16 +9,22 @@ losses, evaluation, logging and distributed training are the host's):
 * gradient accumulation (``optim.grad_accumulation_steps``), gradient clipping
   (``optim.clip_grad_norm``), EMA of the weights (``optim.ema_decay``, used for validation and
   prediction and saved in checkpoints), AMP on GPU (``--amp``);
-* checkpoints written atomically (a crash mid-write never leaves a truncated file), and a
-  resumed run continues at the same step, learning rate and EMA;
+* checkpoints written atomically (a crash mid-write never leaves a truncated file) and always
+  at the last completed optimiser update, also when SLURM's pre-emption signal triggers the save
+  mid-batch; a resumed run continues at the same step, learning rate and EMA;
+* the logged training loss is the loss of the global batch (the mean over ranks), not rank 0's
+  share of it;
 * predict/validate from a full training checkpoint without a train set, and warmups shorter
   than one batch, both of which trip the host's ``equiformerv2_forces`` trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -37,6 +43,24 @@ OPTIM_KEYS = {
     "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
     "checkpoint_format", "load_datasets_and_model_then_exit",
 }  # fmt: skip
+
+
+# Signals whose handlers may save a checkpoint (SLURM pre-emption / time limit through submitit).
+CHECKPOINT_SIGNALS = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def checkpoint_signals_held():
+    """Defer checkpointing signals until the block ends, so a handler never sees the weights, the
+    optimiser and the EMA half-updated (delivery is held by the OS, not dropped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, CHECKPOINT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_optim_keys(optim: dict) -> None:
@@ -81,15 +105,37 @@ class ForcesTrainer(OCPTrainer):
                 f"optim.grad_accumulation_steps must be >= 1, got {self.grad_accumulation_steps}"
             )
         self._accumulated_batches = 0
+        self._rank_and_global_loss = None
+        self.completed_step = self.step  # the step of the last optimiser update
         self.ema_decay = optim.get("ema_decay")
         self.ema = (
             ExponentialMovingAverage(self.model.parameters(), self.ema_decay) if self.ema_decay else None
         )
 
+    def _compute_loss(self, out, batch) -> torch.Tensor:
+        loss = super()._compute_loss(out, batch)
+        self._rank_and_global_loss = None
+        if self.model.training and distutils.initialized() and distutils.get_world_size() > 1:
+            # each rank's loss is its share of the global batch's mean (fairchem's DDPLoss)
+            global_loss = distutils.all_reduce(loss.detach(), average=True)
+            self._rank_and_global_loss = (loss.item(), global_loss.item())
+        return loss
+
+    def _log_global_loss(self) -> None:
+        """Replace the rank's share of the loss, just added to the running training metrics by
+        the host's loop, with the global batch's loss."""
+        if self._rank_and_global_loss is None or "loss" not in self.metrics:
+            return
+        rank_loss, global_loss = self._rank_and_global_loss
+        running = self.metrics["loss"]
+        running["total"] += global_loss - rank_loss
+        running["metric"] = running["total"] / running["numel"]
+
     def _backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients over ``grad_accumulation_steps`` batches (each batch's loss is
         its own mean, so the update is the mean over batches), then clip, step and update EMA.
         A partial window at the end of an epoch still steps."""
+        self._log_global_loss()
         (loss / self.grad_accumulation_steps).backward()
         self._accumulated_batches += 1
         end_of_epoch = self.train_loader is not None and self.step % len(self.train_loader) == 0
@@ -106,14 +152,16 @@ class ForcesTrainer(OCPTrainer):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.clip_grad_norm)
             if self.logger is not None:
                 self.logger.log({"grad_norm": grad_norm}, step=self.step, split="train")
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema:
-            self.ema.update()
+        with checkpoint_signals_held():
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update()
+            self.completed_step = self.step
 
     def load_checkpoint(
         self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
@@ -123,13 +171,26 @@ class ForcesTrainer(OCPTrainer):
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
         if getattr(self, "scheduler", None) is not None and not inference_only:
             self.scheduler.set_batch(self.step)
+            logging.info(f"Resuming training at step {self.step} (epoch {self.epoch:.4f})")
+        self.completed_step = self.step
 
     def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):
-        """The host's checkpoint, written to a temporary file and renamed into place."""
+        """The host's checkpoint at the last completed update (the loop advances ``step`` before
+        the batch runs, and a partial accumulation window is not saved: resuming re-runs it),
+        written to a temporary file and renamed into place."""
         temporary = f".{checkpoint_file}.{os.getpid()}.tmp"
-        path = super().save(metrics=metrics, checkpoint_file=temporary, training_state=training_state)
+        step, epoch = self.step, self.epoch
+        if training_state and self.train_loader is not None:
+            self.step = getattr(self, "completed_step", step)
+            self.epoch = self.step / len(self.train_loader)
+        try:
+            path = super().save(metrics=metrics, checkpoint_file=temporary, training_state=training_state)
+        finally:
+            self.step, self.epoch = step, epoch
         if path is None:
             return None
         final = Path(path).with_name(checkpoint_file)
         os.replace(path, final)
+        if training_state and self.train_loader is not None:
+            logging.info(f"Saved {final} at step {self.completed_step}")
         return str(final)
