@@ -6,6 +6,10 @@ Every (implementation, mode) runs in a fresh subprocess so that its peak residen
 own (CPU allocations are invisible to torch's memory statistics).
 
     python benchmarks/bench_equiformer_v2.py --model 31M --structures 2 --repeats 3
+
+``--forces conservative`` times the plugin's direct-force model against its conservative one
+(``direct_forces=False``: forces = -dE/dpos, one backward pass more in inference, a double
+backward in training) instead of the reference; ``--forces both`` prints both tables.
 """
 
 from __future__ import annotations
@@ -60,7 +64,11 @@ def worker(args) -> dict:
     config = {**RELEASED, **PRESETS[args.model]}
     torch.manual_seed(0)
     reference = Reference(**config)
-    if args.impl == "ours":
+    if args.impl == "conservative":
+        model = EquiformerV2(**config, direct_forces=False)
+        model.load_state_dict(reference.state_dict())  # the force head is skipped
+        del reference
+    elif args.impl == "ours":
         model = EquiformerV2(**config)
         model.load_state_dict(reference.state_dict())
         del reference
@@ -73,7 +81,7 @@ def worker(args) -> dict:
     def step():
         if args.mode == "inference":
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad():  # conservative forces re-enable gradients inside forward
                 model(batch)
         else:
             model.train()
@@ -107,6 +115,12 @@ def main() -> None:
     parser.add_argument("--structures", type=int, default=2, help="~82-atom slabs per batch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--forces",
+        choices=["direct", "conservative", "both"],
+        default="direct",
+        help="direct: ours vs fairchem's reference; conservative: our direct vs conservative forces",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -114,27 +128,37 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    results = {}
-    for mode in ("inference", "train"):
-        for impl in ("reference", "ours"):
-            cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
-                   "--structures", str(args.structures), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[(impl, mode)] = json.loads(out.strip().splitlines()[-1])
-    first = results[("ours", "inference")]
+    comparisons = {"direct": [("reference", "ours")], "conservative": [("ours", "conservative")]}
+    comparisons["both"] = comparisons["direct"] + comparisons["conservative"]
+    for baseline, candidate in comparisons[args.forces]:
+        compare(args, baseline, candidate)
+
+
+def run_worker(args, impl: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
+           "--structures", str(args.structures), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compare(args, baseline: str, candidate: str) -> None:
+    """Print s/step, atoms/s and peak memory of ``candidate`` against ``baseline``."""
+    results = {(impl, mode): run_worker(args, impl, mode) for mode in ("inference", "train")
+               for impl in (baseline, candidate)}  # fmt: skip
+    first = results[(candidate, "inference")]
     print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
-    print(f"{'mode':<10} {'impl':<10} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
+    print(f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
     for mode in ("inference", "train"):
-        for impl in ("reference", "ours"):
+        for impl in (baseline, candidate):
             r = results[(impl, mode)]
             print(
-                f"{mode:<10} {impl:<10} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
+                f"{mode:<10} {impl:<13} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
             )
-        ref, ours = results[("reference", mode)], results[("ours", mode)]
-        print(f"{mode:<10} {'ratio':<10} speed-up x{ref['seconds'] / ours['seconds']:.2f}, "
-              f"memory x{ours['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f} of reference")  # fmt: skip
+        base, cand = results[(baseline, mode)], results[(candidate, mode)]
+        print(f"{mode:<10} {'ratio':<13} {candidate} takes x{cand['seconds'] / base['seconds']:.2f} the time "
+              f"of {baseline}, memory x{cand['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

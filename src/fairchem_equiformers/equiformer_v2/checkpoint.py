@@ -11,9 +11,15 @@ Accepted layouts, in ``model.load_state_dict`` and in fairchem's ``--checkpoint`
 Parameter names are otherwise identical, so every parameter maps one to one. Keys that match
 nothing in the model raise an error naming them; missing keys are reported by torch (or by
 fairchem's strict loading).
+
+One exception: a model with conservative forces (``direct_forces=False``) has no force head,
+and a checkpoint's ``force_block.*`` (released models predict forces directly) is skipped with
+a warning, so that released weights can start a conservative fine-tune.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -75,7 +81,7 @@ def register_checkpoint_compatibility(model: nn.Module) -> None:
 
     def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = set(module.state_dict().keys())
-        unknown = []
+        unknown, skipped_force_head = [], []
         for key in [k for k in state_dict if k.startswith(prefix)]:
             value = state_dict.pop(key)
             name = canonical_key(key[len(prefix) :])
@@ -86,14 +92,23 @@ def register_checkpoint_compatibility(model: nn.Module) -> None:
                 _check_grid(module, name, value)
             elif name in own:
                 state_dict[prefix + name] = value
+            elif name.startswith("force_block.") and getattr(module, "conservative", False):
+                skipped_force_head.append(key)
             else:
                 unknown.append(key)
+        if skipped_force_head:
+            logging.warning(
+                f"{type(module).__name__} has conservative forces (direct_forces=False), so the "
+                f"checkpoint's direct force head ({len(skipped_force_head)} force_block.* tensors) "
+                "is not loaded: forces are -dE/dpos of the loaded energy model"
+            )
         if unknown:
             shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
             raise KeyError(
                 f"{len(unknown)} checkpoint key(s) match no parameter of {type(module).__name__}: "
                 f"{shown}. Check that the model section (num_layers, lmax_list, regress_forces, "
-                "load_energy_lin_ref, share_atom_edge_embedding, ...) matches the checkpoint's."
+                "direct_forces, load_energy_lin_ref, share_atom_edge_embedding, ...) matches the "
+                "checkpoint's."
             )
 
     model._register_load_state_dict_pre_hook(hook, with_module=True)

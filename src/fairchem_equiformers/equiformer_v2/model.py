@@ -8,6 +8,10 @@ orders that survive the ``mmax`` truncation; coefficient re-orderings are index 
 model runs in float64. Attribute names follow the released checkpoints, whose flat layout (any
 number of ``module.`` prefixes, duplicated per-block buffers) and fairchem's backbone+heads
 layout both load (see ``checkpoint.py``).
+
+Beyond the released model: conservative forces ``-dE/dpos`` (``direct_forces=False``; the
+edge frames are differentiable, nothing is detached) and the stress ``(1/V) dE/d(strain)`` of
+periodic systems (``regress_stress``), as fairchem's eSEN computes them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 
 import torch
 from fairchem.core.common.registry import registry
+from fairchem.core.common.utils import conditional_grad
 from fairchem.core.models.base import GraphModelMixin
 from torch import nn
 
@@ -61,11 +66,19 @@ def _only(name: str, value, allowed):
 
 @registry.register_model("fairchem_equiformers.EquiformerV2")
 class EquiformerV2(nn.Module, GraphModelMixin):
-    """EquiformerV2 energy and direct-force model.
+    """EquiformerV2 energy and force model.
 
     Takes the model-section keys of the released configs (fairchem's ``equiformer_v2``).
     ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces only with
-    ``regress_forces``).
+    ``regress_forces``), plus ``"stress": [B, 9]`` with ``regress_stress``.
+
+    ``direct_forces`` (the name fairchem's newer models use): ``True`` (released) predicts the
+    forces with a force head; ``False`` builds no force head and returns ``-dE/dpos`` (with
+    ``create_graph`` in training mode, so force losses train the energy model). Released
+    checkpoints load into a ``direct_forces=False`` model: their force head is skipped with a
+    warning (see ``checkpoint.py``). ``regress_stress`` (needs ``direct_forces=False``,
+    ``regress_forces`` and ``use_pbc``) adds the stress ``(1/V) dE/d(strain)`` in eV/A^3, ASE's
+    sign, row-major 3x3 per graph as fairchem's eSEN returns it.
 
     Args (beyond the released names): ``num_distance_basis`` is honoured (fairchem ignores it
     and always uses 600 Gaussians, so the default here is 600; released configs say 512 and
@@ -81,6 +94,8 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         use_pbc: bool = True,
         use_pbc_single: bool = False,
         regress_forces: bool = True,
+        direct_forces: bool = True,
+        regress_stress: bool = False,
         otf_graph: bool = True,
         max_neighbors: int = 500,
         max_radius: float = 5.0,
@@ -135,12 +150,21 @@ class EquiformerV2(nn.Module, GraphModelMixin):
             raise ValueError(
                 "use_energy_lin_ref=True needs load_energy_lin_ref=True (the references are parameters)"
             )
+        if regress_stress and (direct_forces or not regress_forces or not use_pbc):
+            raise ValueError(
+                "regress_stress=True needs direct_forces=False and regress_forces=True (the stress is "
+                "the strain derivative of the energy, computed with the forces) and use_pbc=True "
+                f"(it needs a cell); got direct_forces={direct_forces}, regress_forces={regress_forces}, "
+                f"use_pbc={use_pbc}"
+            )
         if num_sphere_samples is not None:
             logging.info("num_sphere_samples has no effect in EquiformerV2 (accepted for released configs)")
 
         self.use_pbc = use_pbc
         self.use_pbc_single = use_pbc_single
         self.regress_forces = regress_forces
+        self.direct_forces = direct_forces
+        self.regress_stress = regress_stress
         self.otf_graph = otf_graph
         self.max_neighbors = max_neighbors
         self.max_radius = self.cutoff = max_radius
@@ -197,7 +221,7 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         )
         self.norm = equivariant_norm(norm_type, lmax, sphere_channels)
         self.energy_block = feed_forward(1)
-        self.force_block = attention(1, 0.0) if regress_forces else None
+        self.force_block = attention(1, 0.0) if regress_forces and direct_forces else None
         if load_energy_lin_ref:
             self.energy_lin_ref = nn.Parameter(torch.zeros(max_num_elements), requires_grad=False)
 
@@ -232,7 +256,8 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         search_input = data
         if self.use_pbc and data.pos.dtype != torch.float32:
             search_input = copy.copy(data)
-            search_input.pos, search_input.cell = data.pos.float(), data.cell.float()
+            # the search only picks the edges; their vectors are recomputed below
+            search_input.pos, search_input.cell = data.pos.detach().float(), data.cell.detach().float()
         graph = self.generate_graph(
             search_input,
             enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly,
@@ -249,7 +274,16 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         """Per-edge frames: deterministic, from the edge vectors ``[E, 3]``."""
         return EdgeRotation.from_edge_vectors(edge_vec, self.layout)
 
+    @property
+    def conservative(self) -> bool:
+        """Whether the forces are the energy's gradient (then computed even under no_grad)."""
+        return self.regress_forces and not self.direct_forces
+
+    @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
+        if self.conservative and not data.pos.requires_grad:
+            data = copy.copy(data)  # the caller's positions stay as they are
+            data.pos = data.pos.detach().requires_grad_()
         atomic_numbers = data.atomic_numbers.long()
         natoms = data.natoms
         check_structures(
@@ -260,6 +294,12 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         batch = data.batch
 
         edge_index, edge_vec = self._edges(data)  # [2, E], [E, 3]
+        if self.regress_stress:
+            # positions and cell both strained by (1 + symmetric strain): so are the edge vectors
+            strain = edge_vec.new_zeros(num_graphs, 3, 3, requires_grad=True)
+            symmetric_strain = 0.5 * (strain + strain.transpose(1, 2))  # [B, 3, 3]
+            edge_strain = symmetric_strain[batch[edge_index[0]]]  # [E, 3, 3]
+            edge_vec = edge_vec + torch.einsum("ei,eij->ej", edge_vec, edge_strain)
         edge_scalars = self.distance_expansion(edge_vec.norm(dim=-1))  # [E, num_distance_basis]
         edges = EdgeContext(
             edge_index=edge_index,
@@ -287,7 +327,16 @@ class EquiformerV2(nn.Module, GraphModelMixin):
             reference = self.energy_lin_ref[atomic_numbers].to(energy.dtype)
             energy = energy.index_add(0, batch, reference)
         outputs = {"energy": energy}
-        if self.regress_forces:
+        if self.conservative:
+            inputs = [data.pos, strain] if self.regress_stress else [data.pos]
+            gradients = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=self.training, allow_unused=True, materialize_grads=True
+            )
+            outputs["forces"] = -gradients[0]  # [N, 3]
+            if self.regress_stress:
+                volume = torch.linalg.det(data.cell).abs()  # [B]
+                outputs["stress"] = (gradients[1] / volume[:, None, None]).reshape(num_graphs, 9)
+        elif self.regress_forces:
             outputs["forces"] = self.force_block(x, edges)[:, 1:4, 0].contiguous()  # [N, 3]
         return outputs
 

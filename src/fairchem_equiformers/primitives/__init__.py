@@ -11,13 +11,30 @@ from .grid import S2Grid
 from .layout import SphericalLayout
 from .linear import SO3Linear
 from .norm import NORMS, equivariant_norm
-from .radial import GaussianBasis, RadialMLP
+from .radial import BesselBasis, ExpNormalBasis, GaussianBasis, PolynomialEnvelope, RadialMLP
+from .recoupling import (
+    SolidHarmonicTensorProduct,
+    addition_coefficients,
+    recoupling_coefficients,
+    solid_harmonics,
+    wigner_6j,
+)
 from .rotation import EdgeRotation
 from .so2 import SO2Convolution
 from .softmax import graph_softmax
-from .wigner import edge_frame_angles, frame_angles_from_matrices, swap_matrix, wigner_d_columns
+from .wigner import (
+    edge_frame_angles,
+    frame_angles_from_matrices,
+    rotation_generators,
+    swap_matrix,
+    wigner_d_columns,
+    with_pole_gradients,
+)
 
 __all__ = [
+    "PolynomialEnvelope",
+    "ExpNormalBasis",
+    "BesselBasis",
     "NORMS",
     "EdgeRotation",
     "EquivariantDropout",
@@ -29,6 +46,11 @@ __all__ = [
     "S2Grid",
     "SO2Convolution",
     "SO3Linear",
+    "SolidHarmonicTensorProduct",
+    "addition_coefficients",
+    "recoupling_coefficients",
+    "solid_harmonics",
+    "wigner_6j",
     "SeparableS2Activation",
     "SmoothLeakyReLU",
     "SphericalLayout",
@@ -38,6 +60,8 @@ __all__ = [
     "equivariant_norm",
     "graph_softmax",
     "radius_graph_nonperiodic",
+    "rotation_generators",
     "swap_matrix",
     "wigner_d_columns",
+    "with_pole_gradients",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,3 +48,77 @@ class RadialMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class PolynomialEnvelope(nn.Module):
+    """Smooth cutoff ``1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)`` of ``x = d / cutoff``
+    (DimeNet, Klicpera et al. 2020): 1 at 0, and it and its first two derivatives vanish at the
+    cutoff; zero beyond it.
+
+    Shapes: ``scaled_distance: [E] -> [E]``."""
+
+    def __init__(self, exponent: int = 5) -> None:
+        super().__init__()
+        if exponent < 1:
+            raise ValueError(f"envelope exponent must be at least 1, got {exponent}")
+        self.exponent = exponent
+
+    def forward(self, scaled_distance: torch.Tensor) -> torch.Tensor:
+        p, x = self.exponent, scaled_distance
+        value = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+        return torch.where(x < 1, value, torch.zeros_like(value))
+
+    def extra_repr(self) -> str:
+        return f"exponent={self.exponent}"
+
+
+class BesselBasis(nn.Module):
+    """``sqrt(2/c) sin(n pi d / c) / d`` for ``n = 1..num_basis``, times a polynomial envelope
+    (DimeNet's radial basis; the frequencies ``n pi`` are fixed here, not trained).
+
+    Shapes: ``distance: [E] -> [E, num_basis]``."""
+
+    def __init__(self, cutoff: float, num_basis: int, envelope_exponent: int = 5) -> None:
+        super().__init__()
+        self.cutoff, self.num_basis = cutoff, num_basis
+        self.envelope = PolynomialEnvelope(envelope_exponent)
+        self.register_buffer(
+            "frequencies", math.pi * torch.arange(1, num_basis + 1, dtype=torch.float64), persistent=False
+        )
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        x = (distance / self.cutoff)[:, None]  # [E, 1]
+        frequencies = self.frequencies.to(distance.dtype)
+        bessel = math.sqrt(2 / self.cutoff) * torch.sin(frequencies * x) / distance[:, None]
+        return self.envelope(x) * bessel
+
+    def extra_repr(self) -> str:
+        return f"num_basis={self.num_basis}, cutoff={self.cutoff}"
+
+
+class ExpNormalBasis(nn.Module):
+    """``cos_cutoff(d) exp(-beta (exp(-alpha d) - mu_k)^2)`` with ``alpha = 5 / cutoff``, the
+    ``mu_k`` evenly spaced on ``[exp(-cutoff), 1]`` and ``beta = (2 (1 - exp(-cutoff)) / K)^-2``
+    (PhysNet's expansion as TorchMD-Net and Equiformer's MD17 models use it, not trained);
+    ``cos_cutoff(d) = (cos(pi d / cutoff) + 1) / 2`` below the cutoff, 0 beyond.
+
+    Shapes: ``distance: [E] -> [E, num_basis]``."""
+
+    def __init__(self, cutoff: float, num_basis: int) -> None:
+        super().__init__()
+        self.cutoff, self.num_basis = cutoff, num_basis
+        start = math.exp(-cutoff)
+        self.register_buffer(
+            "means", torch.linspace(start, 1.0, num_basis, dtype=torch.float64), persistent=False
+        )
+        self.beta = (2 / num_basis * (1 - start)) ** -2
+        self.alpha = 5.0 / cutoff
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        d = distance[:, None]  # [E, 1]
+        envelope = 0.5 * (torch.cos(math.pi * d / self.cutoff) + 1.0) * (d < self.cutoff)
+        means = self.means.to(distance.dtype)
+        return envelope * torch.exp(-self.beta * (torch.exp(-self.alpha * d) - means) ** 2)
+
+    def extra_repr(self) -> str:
+        return f"num_basis={self.num_basis}, cutoff={self.cutoff}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .layout import SphericalLayout
-from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns
+from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
 
 
 class EdgeRotation:
@@ -20,11 +20,17 @@ class EdgeRotation:
     :meth:`from_rotation_matrices` (any frame, e.g. another implementation's).
     """
 
-    def __init__(self, layout: SphericalLayout, *angles: torch.Tensor) -> None:
+    def __init__(
+        self, layout: SphericalLayout, *angles: torch.Tensor, edge_vec: torch.Tensor | None = None
+    ) -> None:
         """``angles``: cos/sin of the Euler angles alpha, beta (and optionally gamma) of the
-        rotation taking ``+y`` to each edge direction, each ``[E]``."""
+        rotation taking ``+y`` to each edge direction, each ``[E]``. ``edge_vec [E, 3]``: the
+        vectors the angles came from, to give edges along +-y their gradient (see
+        :func:`with_pole_gradients`)."""
         self.layout = layout
         self.blocks = wigner_d_columns(*angles[:4], layout.lmax, layout.mmax, *angles[4:])
+        if edge_vec is not None:
+            self.blocks = with_pole_gradients(self.blocks, edge_vec)
         self.blocks_out = [
             block * layout.truncation_rescale(l) if layout.truncation_rescale(l) != 1.0 else block
             for l, block in enumerate(self.blocks)
@@ -38,7 +44,7 @@ class EdgeRotation:
     @classmethod
     def from_edge_vectors(cls, edge_vec: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
         """Frame fixed by the edge vectors ``[E, 3]`` alone (source minus target, non-zero)."""
-        return cls(layout, *edge_frame_angles(edge_vec))
+        return cls(layout, *edge_frame_angles(edge_vec), edge_vec=edge_vec)
 
     @classmethod
     def from_rotation_matrices(cls, rotation: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:

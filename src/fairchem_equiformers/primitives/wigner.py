@@ -10,6 +10,10 @@ has its ``m = 0`` components along the edge. The rotation about the edge axis is
 SO(2) convolution commutes with it); we fix it by the Euler angles of ``u`` with gamma = 0,
 which makes the frame a deterministic function of ``u`` (the released EquiformerV2 draws it at
 random on every call).
+
+Everything is differentiable in the edge vector (conservative forces, stress). At the poles
+(``u = +-y``) the azimuth is undefined and fixed to 0; there the frame's gradient comes from
+:func:`with_pole_gradients`.
 """
 
 from __future__ import annotations
@@ -119,9 +123,53 @@ def edge_frame_angles(edge_vec: torch.Tensor):
     Returns cos_alpha, sin_alpha, cos_beta, sin_beta, each ``[E]``."""
     unit = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
     x, y, z = unit.unbind(-1)
-    sin_beta = torch.sqrt((x * x + z * z).clamp_min(0.0))
-    on_axis = sin_beta < 1e-12
+    squared = x * x + z * z
+    on_axis = _on_pole(squared)
+    # sqrt has an infinite slope at 0: on the axis take the value without its gradient (the
+    # pole's gradient is added by `with_pole_gradients`), elsewhere the plain square root
+    off_axis_root = torch.where(on_axis, torch.ones_like(squared), squared).sqrt()
+    sin_beta = torch.where(on_axis, squared.detach().sqrt(), off_axis_root)
     safe = torch.where(on_axis, torch.ones_like(sin_beta), sin_beta)
     cos_alpha = torch.where(on_axis, torch.ones_like(z), z / safe)
     sin_alpha = torch.where(on_axis, torch.zeros_like(x), x / safe)
     return cos_alpha, sin_alpha, y, sin_beta
+
+
+def _on_pole(sin_beta_squared: torch.Tensor) -> torch.Tensor:
+    """Edges whose direction is +-y to float64 round-off (``sin(beta) < 1e-12``), ``[E]`` bool."""
+    return sin_beta_squared.detach().sqrt() < 1e-12
+
+
+@cache
+def rotation_generators(l: int) -> torch.Tensor:
+    """``[3, 2l+1, 2l+1]`` float64: ``X_a`` with ``D_l(rotation by t about axis a) = exp(t X_a)``,
+    axes x, y, z (e3nn's generators)."""
+    return o3.so3_generators(l).to(torch.float64)
+
+
+def with_pole_gradients(blocks: list[torch.Tensor], edge_vec: torch.Tensor) -> list[torch.Tensor]:
+    """Blocks of :func:`wigner_d_columns` (from :func:`edge_frame_angles` of ``edge_vec [E, 3]``)
+    with the right first derivative at edges exactly along +-y; values are unchanged.
+
+    At a pole ``s`` the Euler frame has no derivative (the azimuth is undefined there). A frame
+    that is smooth through the pole is the minimal rotation taking ``s`` to ``u`` composed with
+    the pole's frame ``D``; to first order that is ``(I + sum_a w_a X_a) D`` with ``w = s x u``.
+    This adds ``(w . X) D`` with ``w`` zero in value and that gradient. It is the exact
+    derivative for every function invariant to the frame's spin about the edge (the SO(2)
+    convolutions exactly, the S2-grid activations to their grid's accuracy)."""
+    if not edge_vec.requires_grad:
+        return blocks
+    unit = edge_vec / edge_vec.norm(dim=-1, keepdim=True)
+    poles = _on_pole(unit[:, 0] ** 2 + unit[:, 2] ** 2).nonzero()[:, 0]  # [P]
+    if poles.numel() == 0:
+        return blocks
+    u = unit[poles]  # [P, 3]
+    sign = torch.sign(u[:, 1].detach())
+    s_cross_u = torch.stack([sign * u[:, 2], torch.zeros_like(sign), -sign * u[:, 0]], dim=-1)
+    w = s_cross_u - s_cross_u.detach()  # [P, 3], exactly zero
+    out = [blocks[0]]
+    for l in range(1, len(blocks)):
+        generators = rotation_generators(l).to(dtype=edge_vec.dtype, device=edge_vec.device)
+        tangent = torch.einsum("pa,aij->pij", w, generators)  # [P, 2l+1, 2l+1]
+        out.append(blocks[l].index_add(0, poles, tangent @ blocks[l][poles]))
+    return out
