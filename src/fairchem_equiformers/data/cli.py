@@ -2,6 +2,7 @@
 
     fairchem-equiformers-data emt --out data/emt [--seed 0] [--num-systems 200] [--workers 2]
     fairchem-equiformers-data convert --input my.extxyz --out data/mine [--val-fraction 0.1]
+    fairchem-equiformers-data md17 --molecule aspirin --out data/md17/aspirin [--num-frames 2000]
 
 Both print where each output went and the number of entries per split. Problems with the input or
 the output folder are reported as one ``error:`` line (exit status 1), without a traceback.
@@ -25,6 +26,7 @@ from .build import (
     convert_user_data,
 )
 from .errors import DataBuildError
+from .molecules import MD17_MOLECULES, build_md17_dataset
 from .slabs import METALS
 
 
@@ -79,11 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--input", type=Path, required=True, help="file with energies and forces")
     convert.add_argument("--energy-key", help="read energies from atoms.info[KEY] instead of the calculator")
     convert.add_argument("--forces-key", help="read forces from atoms.arrays[KEY] instead of the calculator")
+
+    md17 = commands.add_parser("md17", help="MD17-style GFN2-xTB (tblite) trajectories of one small molecule")
+    md17.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
+    md17.add_argument("--molecule", required=True, choices=MD17_MOLECULES)
+    md17.add_argument("--seed", type=int, default=0, help="random seed (velocities, thermostat, split)")
+    md17.add_argument("--num-frames", type=int, default=2000, help="frames of the trajectory")
+    md17.add_argument("--train-size", type=int, default=950, help="random frames for training")
+    md17.add_argument("--val-size", type=int, default=50, help="random frames for validation (rest: test)")
+    md17.add_argument("--temperature", type=float, default=500.0, help="K")
+    md17.add_argument("--stride", type=int, default=10, help="MD steps of 0.5 fs between frames")
+    md17.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is a dataset written by this tool"
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> BuildReport:
     """Dispatch the parsed arguments to the build."""
+    if args.command == "md17":
+        return build_md17_dataset(
+            args.out,
+            molecule_name=args.molecule,
+            num_frames=args.num_frames,
+            train_size=args.train_size,
+            val_size=args.val_size,
+            seed=args.seed,
+            temperature=args.temperature,
+            stride=args.stride,
+            overwrite=args.overwrite,
+        )
     common = {
         "seed": args.seed,
         "val_fraction": args.val_fraction,

@@ -130,17 +130,17 @@ def gate_activation(irreps_out: o3.Irreps | str) -> nn.Module:
 _WIGNER_3J_BUFFER = re.compile(r"_w3j_(\d+)_(\d+)_(\d+)")
 
 
-def restore_exact_wigner_3j(module: nn.Module, convert) -> None:
-    """Recompute every Wigner 3j buffer that e3nn's compiled tensor products hold (built in the
-    default float32, so casting them to float64 would keep float32 rounding, an equivariance
-    error of ~1e-9) from float64 values, passed through ``convert`` (the ``fn`` of
-    ``nn.Module._apply``: dtype and device). Call it from a model's ``_apply``."""
+def restore_exact_wigner_3j(module: nn.Module) -> None:
+    """Reset every Wigner 3j buffer of e3nn's compiled tensor products in ``module`` to exact
+    values in its current dtype and device. e3nn builds them in the default float32, so a cast to
+    float64 alone keeps the float32 rounding (an equivariance error of ~1e-9). Call it from a
+    model's ``_apply``, after the cast."""
     for submodule in module.modules():
         for name, buffer in submodule._buffers.items():
             match = _WIGNER_3J_BUFFER.fullmatch(name)
             if match is not None and buffer is not None:
                 exact = o3.wigner_3j(*(int(l) for l in match.groups()), dtype=torch.float64)
-                submodule._buffers[name] = convert(exact)
+                submodule._buffers[name] = exact.to(device=buffer.device, dtype=buffer.dtype)
 
 
 @contextmanager
