@@ -201,3 +201,18 @@ def test_radius_graph_nonperiodic_against_brute_force():
         same = (batch == batch[i]).nonzero().flatten().tolist()
         dists = sorted((pos[k] - pos[i]).norm().item() for k in same if k != i)
         assert (pos[j] - pos[i]).norm().item() <= dists[2] + 1e-12
+
+
+def test_chunked_grid_silu_equals_the_plain_expression_with_first_and_second_derivatives(monkeypatch):
+    """The S2 activation runs a few rows at a time and recomputes grid values in the backward;
+    values are bit-identical to from_grid(silu(to_grid(x))), and gradients (also second order,
+    used by conservative-force training) are exact."""
+    from fairchem_equiformers.primitives import activation
+
+    grid = S2Grid(SphericalLayout(3, 2), 8, edge_layout=True)
+    x = torch.randn(7, grid.to_grid_matrix.shape[1], 3, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(activation, "GRID_CHUNK_ELEMENTS", 2 * 64 * 3)  # 2 rows per chunk
+    plain = grid.from_grid(torch.nn.functional.silu(grid.to_grid(x)))
+    assert torch.equal(activation.grid_silu(grid, x), plain)
+    assert torch.autograd.gradcheck(lambda x: activation.grid_silu(grid, x), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: activation.grid_silu(grid, x), (x,))

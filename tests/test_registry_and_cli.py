@@ -64,7 +64,13 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
         """
     )
     new = eval(out.strip())
-    assert new["model_name_mapping"] == ["fairchem_equiformers.EquiformerV2"]
+    import fairchem_equiformers
+
+    models = sorted(
+        f"fairchem_equiformers.{name}" for name in fairchem_equiformers.__all__ if name != "ForcesTrainer"
+    )
+    assert "fairchem_equiformers.EquiformerV2" in models
+    assert new["model_name_mapping"] == models
     assert new["trainer_name_mapping"] == ["fairchem_equiformers.ForcesTrainer"]
     assert not set(new["model_name_mapping"]) & BUILTIN_MODELS
     assert not set(new.get("trainer_name_mapping", [])) & BUILTIN_TRAINERS
@@ -75,7 +81,10 @@ def test_top_level_exports():
 
     import fairchem_equiformers
 
-    assert registry.get_model_class("fairchem_equiformers.EquiformerV2") is fairchem_equiformers.EquiformerV2
+    for name in fairchem_equiformers.__all__:
+        cls = getattr(fairchem_equiformers, name)
+        kind = registry.get_trainer_class if name == "ForcesTrainer" else registry.get_model_class
+        assert kind(f"fairchem_equiformers.{name}") is cls
 
 
 def run_fairchem(config: dict, run_dir: Path, *args: str) -> str:

@@ -41,6 +41,51 @@ class GateActivation(nn.Module):
         return torch.cat([nn.functional.silu(x[:, :1]), x[:, 1:] * gates], dim=1)
 
 
+# Grid values per chunk of ``grid_silu`` (floats): small enough to stay in cache.
+GRID_CHUNK_ELEMENTS = 1 << 19
+
+
+def _row_chunks(rows: int, row_elements: int) -> list[slice]:
+    step = max(1, GRID_CHUNK_ELEMENTS // max(row_elements, 1))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class _GridSiLU(torch.autograd.Function):
+    """``from_grid(silu(to_grid(x)))`` a chunk of rows at a time. The grid values ``[B, G, C]``,
+    an order of magnitude larger than ``x``, are never held whole: not in the forward, and not
+    for the backward, which recomputes them per chunk from ``x``. Same arithmetic per row as
+    the unchunked expression (bit-identical results); double backward works (the backward is
+    built from differentiable operations when a graph is requested)."""
+
+    @staticmethod
+    def forward(ctx, x, to_grid, from_grid_t):  # x [B, K', C], to_grid [G, K'], from_grid_t [K', G]
+        ctx.save_for_backward(x, to_grid, from_grid_t)
+        out = x.new_empty(x.shape[0], from_grid_t.shape[0], x.shape[2])
+        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * x.shape[2]):
+            values = to_grid @ x[rows]  # [b, G, C]
+            torch.matmul(from_grid_t, nn.functional.silu(values, inplace=True), out=out[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [B, K', C]
+        x, to_grid, from_grid_t = ctx.saved_tensors
+        chunks = []
+        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * x.shape[2]):
+            values = to_grid @ x[rows]  # [b, G, C]
+            sigmoid = torch.sigmoid(values)
+            grad_values = (from_grid_t.T @ grad_out[rows]) * (sigmoid * (1 + values * (1 - sigmoid)))
+            chunks.append(to_grid.T @ grad_values)  # [b, K', C]
+        return torch.cat(chunks), None, None
+
+
+def grid_silu(grid: S2Grid, x: torch.Tensor) -> torch.Tensor:
+    """SiLU of the function on the grid, projected back: ``[*, K', C] -> [*, K', C]``."""
+    to_grid = grid.to_grid_matrix.to(x.dtype)
+    from_grid_t = grid.from_grid_matrix.to(x.dtype).T
+    rows = x.reshape(-1, *x.shape[-2:])
+    return _GridSiLU.apply(rows, to_grid, from_grid_t).view(x.shape)
+
+
 class S2Activation(nn.Module):
     """SiLU applied pointwise to the function on the sphere, then projected back.
 
@@ -51,7 +96,7 @@ class S2Activation(nn.Module):
         self.grid = grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.grid.from_grid(nn.functional.silu(self.grid.to_grid(x)))
+        return grid_silu(self.grid, x)
 
 
 class SeparableS2Activation(nn.Module):
