@@ -274,6 +274,13 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         """Per-edge frames: deterministic, from the edge vectors ``[E, 3]``."""
         return EdgeRotation.from_edge_vectors(edge_vec, self.layout)
 
+    def _interact(self, x: torch.Tensor, edges: EdgeContext, data) -> torch.Tensor:
+        """The transformer blocks, ``[N, K, C] -> [N, K, C]`` (``DEQEquiformerV2`` replaces the
+        stack by the fixed point of its blocks)."""
+        for block in self.blocks:
+            x = block(x, edges, data.batch, len(data.natoms))
+        return x
+
     @property
     def conservative(self) -> bool:
         """Whether the forces are the energy's gradient (then computed even under no_grad)."""
@@ -315,8 +322,7 @@ class EquiformerV2(nn.Module, GraphModelMixin):
 
         x = self.edge_degree_embedding(edges)  # [N, K, C]
         x = torch.cat([x[:, :1] + self.sphere_embedding(atomic_numbers)[:, None], x[:, 1:]], dim=1)
-        for block in self.blocks:
-            x = block(x, edges, batch, num_graphs)
+        x = self._interact(x, edges, data)
         x = self.norm(x)
 
         node_energy = self.energy_block(x)[:, 0, 0]  # [N]

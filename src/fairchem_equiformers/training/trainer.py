@@ -114,6 +114,14 @@ class ForcesTrainer(OCPTrainer):
 
     def _compute_loss(self, out, batch) -> torch.Tensor:
         loss = super()._compute_loss(out, batch)
+        model = self._unwrapped_model
+        auxiliary = getattr(model, "deq_auxiliary_loss", None)  # DEQ stabilisers (training only)
+        if self.model.training and auxiliary is not None:
+            loss = loss + auxiliary
+        stats = getattr(model, "deq_stats", None)  # DEQ solver iterations and residuals
+        if stats and self.logger is not None and distutils.is_master():
+            split = "train" if self.model.training else "val"
+            self.logger.log({f"deq_{k}": v for k, v in stats.items()}, step=self.step, split=split)
         self._rank_and_global_loss = None
         if self.model.training and distutils.initialized() and distutils.get_world_size() > 1:
             # each rank's loss is its share of the global batch's mean (fairchem's DDPLoss)

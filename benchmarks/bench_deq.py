@@ -1,0 +1,197 @@
+"""DEQ EquiformerV2 against explicit EquiformerV2s on molecular dynamics frames.
+
+Compared: the DEQ (the fixed point of ``--blocks`` transformer blocks), the explicit model of the
+same width and depth (the same blocks applied once), and the explicit model with as many layers
+as the DEQ's mean solver iterations in training. All are trained the same way on frames of a
+GFN2-xTB trajectory (``fairchem_equiformers.data.molecules.md_frames``), forces = -dE/dpos.
+
+Reported per model: parameters, force MAE on held-out frames after a short training, the
+training step's activation memory (bytes autograd saves for the backward pass, and peak CUDA
+memory on a GPU), the training step time, and the inference time per frame on consecutive
+frames (one structure per call, as in MD); for the DEQ also with fixed-point reuse.
+
+    python benchmarks/bench_deq.py [--molecule ethanol] [--frames 240] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from fairchem.core.datasets import data_list_collater
+from fairchem.core.preprocessing import AtomsToGraphs
+
+from fairchem_equiformers import DEQEquiformerV2, EquiformerV2
+from fairchem_equiformers.data.molecules import md_frames
+
+WIDTH = dict(
+    use_pbc=False, direct_forces=False, max_radius=5.0, max_neighbors=100, sphere_channels=32,
+    attn_hidden_channels=32, num_heads=4, attn_alpha_channels=16, attn_value_channels=8,
+    ffn_hidden_channels=64, norm_type="layer_norm_sh", lmax_list=[2], mmax_list=[2], grid_resolution=10,
+    edge_channels=32, num_distance_basis=64, use_grid_mlp=True, avg_num_nodes=9.0, avg_degree=8.0,
+)  # fmt: skip
+
+
+def graphs(frames, device):
+    converter = AtomsToGraphs(r_edges=False, r_pbc=False, r_energy=True, r_forces=True)
+    data = []
+    for i, atoms in enumerate(frames):
+        d = converter.convert(atoms)
+        d.sid = i
+        data.append(d)
+    return [d.to(device) for d in data]
+
+
+def batch_of(data):
+    return data_list_collater(data)
+
+
+class SavedTensorBytes:
+    """Bytes of the distinct tensors autograd saves for the backward pass (activation memory)."""
+
+    def __init__(self) -> None:
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def train(model, train_data, steps, energy_mean, energy_std, force_std, seed=0):
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    rng = np.random.default_rng(seed)
+    model.train()
+    step_times, iterations = [], []
+    for _ in range(steps):
+        batch = batch_of([train_data[i] for i in rng.choice(len(train_data), 4, replace=False)])
+        start = time.perf_counter()
+        out = model(batch)
+        energy_loss = (out["energy"] - (batch.energy - energy_mean) / energy_std).abs().mean()
+        force_loss = (out["forces"] - batch.forces / force_std).norm(dim=1).mean()
+        optimizer.zero_grad()
+        (energy_loss + 50 * force_loss).backward()
+        optimizer.step()
+        schedule.step()
+        step_times.append(time.perf_counter() - start)
+        if isinstance(model, DEQEquiformerV2):
+            iterations.append(model.deq_stats["iterations"])
+    return float(np.median(step_times)), float(np.mean(iterations)) if iterations else None
+
+
+def activation_memory(model, data, device) -> tuple[int, int | None]:
+    model.train()
+    batch = batch_of(data[:4])
+    counter = SavedTensorBytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        out = model(batch)
+        (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
+    model.zero_grad()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return counter.total, peak
+
+
+def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
+    """Force MAE (eV/A) and seconds per frame, one frame per call in trajectory order."""
+    model.eval()
+    if isinstance(model, DEQEquiformerV2):
+        model.reuse_fixed_point = reuse
+        model.reset_fixed_point()
+    errors, times, iterations = [], [], []
+    for data in test_data:
+        batch = batch_of([data])
+        start = time.perf_counter()
+        out = model(batch)
+        times.append(time.perf_counter() - start)
+        errors.append((out["forces"].detach() * force_std - batch.forces).abs().mean().item())
+        if isinstance(model, DEQEquiformerV2):
+            iterations.append(model.deq_stats["iterations"])
+    return (
+        float(np.mean(errors)),
+        float(np.mean(times[1:])),
+        float(np.mean(iterations)) if iterations else None,
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--molecule", default="ethanol")
+    parser.add_argument("--frames", type=int, default=240)
+    parser.add_argument("--test-frames", type=int, default=40, help="the last frames, in order")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (batch 4)")
+    parser.add_argument("--blocks", type=int, default=1, help="transformer blocks inside the DEQ map")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    start = time.perf_counter()
+    frames = md_frames(args.molecule, args.frames, seed=args.seed)
+    print(
+        f"{len(frames)} frames of {args.molecule} ({len(frames[0])} atoms), "
+        f"{time.perf_counter() - start:.0f} s of GFN2-xTB"
+    )
+    data = graphs(frames, device)
+    train_data, test_data = data[: -args.test_frames], data[-args.test_frames :]
+    energies = np.array([float(d.energy) for d in train_data])
+    energy_mean, energy_std = float(energies.mean()), float(energies.std())
+    force_std = float(torch.cat([d.forces for d in train_data]).std())
+    print(
+        f"mean predictor force MAE: {float(torch.cat([d.forces for d in test_data]).abs().mean()):.3f} eV/A"
+    )
+
+    rows = []
+
+    def run(name, model):
+        torch.manual_seed(args.seed)
+        step_time, train_iterations = train(model, train_data, args.steps, energy_mean, energy_std, force_std)
+        saved, peak = activation_memory(model, train_data, device)
+        mae, infer, iterations = evaluate(model, test_data, energy_mean, energy_std, force_std)
+        row = dict(name=name, params=sum(p.numel() for p in model.parameters()), mae=mae, saved=saved,
+                   peak=peak, step=step_time, infer=infer, iterations=iterations)  # fmt: skip
+        if isinstance(model, DEQEquiformerV2):
+            _, row["infer_reuse"], row["iterations_reuse"] = evaluate(
+                model, test_data, energy_mean, energy_std, force_std, reuse=True
+            )
+        rows.append(row)
+        print(row, flush=True)
+        return train_iterations
+
+    torch.manual_seed(args.seed)
+    deq = DEQEquiformerV2(num_layers=args.blocks, **WIDTH).to(device)
+    train_iterations = run(f"DEQ ({args.blocks} block{'s' * (args.blocks > 1)})", deq)
+    torch.manual_seed(args.seed)
+    run(f"explicit, {args.blocks} layer{'s' * (args.blocks > 1)}", EquiformerV2(
+        num_layers=args.blocks, alpha_drop=0.0, drop_path_rate=0.0, **WIDTH).to(device))  # fmt: skip
+    deep = max(1, round(train_iterations))
+    torch.manual_seed(args.seed)
+    run(
+        f"explicit, {deep} layers",
+        EquiformerV2(num_layers=deep, alpha_drop=0.0, drop_path_rate=0.0, **WIDTH).to(device),
+    )
+
+    print(f"\n{args.molecule}, {len(train_data)} training frames, {args.steps} steps of 4, device {device}; "
+          f"DEQ mean solver iterations in training {train_iterations:.1f}")  # fmt: skip
+    print("| model | params | force MAE (eV/A) | train activations (MB) | train step (s) | "
+          "inference (ms/frame) | with reuse (ms/frame) | solver iterations (reuse) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        reuse = f"{1000 * r['infer_reuse']:.0f}" if "infer_reuse" in r else "-"
+        its = f"{r['iterations']:.1f} ({r['iterations_reuse']:.1f})" if r["iterations"] is not None else "-"
+        memory = f"{r['saved'] / 2**20:.1f}" + (f" (peak {r['peak'] / 2**20:.0f})" if r["peak"] else "")
+        print(f"| {r['name']} | {r['params']:,} | {r['mae']:.3f} | {memory} | {r['step']:.3f} | "
+              f"{1000 * r['infer']:.0f} | {reuse} | {its} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
