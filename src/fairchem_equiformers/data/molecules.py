@@ -13,6 +13,7 @@ Energies are GFN2-xTB total energies (eV), forces in eV/A.
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -119,14 +120,6 @@ def gfn2_calculator():
     return TBLite(method="GFN2-xTB", verbosity=0)
 
 
-def _tblite_loads() -> bool:
-    try:
-        gfn2_calculator()
-    except ImportError:
-        return False
-    return True
-
-
 @cache
 def _minimum(name: str) -> Atoms:
     if name in ASE_MOLECULES:
@@ -159,9 +152,11 @@ def _trajectory(name: str, num_frames: int, seed: int, temperature: float, strid
     return {"numbers": atoms.numbers, "positions": positions, "energies": energies, "forces": forces}
 
 
-# tblite's library needs the system libgomp (GOMP_5.0); once torch has loaded its own older copy
-# under the same soname, tblite cannot load in that process. The MD then runs in a fresh
-# interpreter that imports tblite before anything else.
+# The MD runs in a fresh, single-threaded interpreter that imports tblite before anything else:
+# tblite's library needs the system libgomp (GOMP_5.0), and once torch has loaded its own older
+# copy under the same soname tblite cannot load in that process; and GFN2-xTB's threaded
+# reductions differ in the last bits between thread counts, which a long trajectory amplifies,
+# so one thread keeps the frames bit-identical for a seed on every machine.
 _FRESH_PROCESS = """
 import pickle, sys
 import tblite.ase
@@ -171,8 +166,13 @@ pickle.dump(_trajectory(*pickle.load(sys.stdin.buffer)), sys.stdout.buffer)
 
 
 def _trajectory_in_fresh_process(*args) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", _FRESH_PROCESS], input=pickle.dumps(args), capture_output=True, check=False
+        [sys.executable, "-c", _FRESH_PROCESS],
+        input=pickle.dumps(args),
+        capture_output=True,
+        check=False,
+        env=env,
     )
     if result.returncode != 0:
         raise DataBuildError(f"GFN2-xTB molecular dynamics failed: {result.stderr.decode()[-2000:]}")
@@ -195,8 +195,7 @@ def md_frames(
             f"temperature ({temperature}) positive"
         )
     args = (name, num_frames, seed, float(temperature), stride)
-    run = _trajectory if _tblite_loads() else _trajectory_in_fresh_process
-    trajectory = run(*args)
+    trajectory = _trajectory_in_fresh_process(*args)
     frames = []
     for positions, energy, forces in zip(
         trajectory["positions"], trajectory["energies"], trajectory["forces"]
