@@ -297,7 +297,6 @@ def test_references_load_through_fairchem_config_loaders(emt_dataset):
     assert 0.1 < float(forces.rmsd) < 5.0 and 0.01 < float(energy.rmsd) < 5.0
 
 
-@pytest.mark.slow
 def test_stock_fairchem_trains_on_the_dataset_config(emt_dataset, tmp_path):
     """``dataset.yml`` as the config's dataset section: fairchem's trainer reads the LMDBs (with
     ``load_balancing: atoms``), loads both files and trains."""
