@@ -216,3 +216,33 @@ def test_chunked_grid_silu_equals_the_plain_expression_with_first_and_second_der
     assert torch.equal(activation.grid_silu(grid, x), plain)
     assert torch.autograd.gradcheck(lambda x: activation.grid_silu(grid, x), (x,))
     assert torch.autograd.gradgradcheck(lambda x: activation.grid_silu(grid, x), (x,))
+
+
+def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_derivatives(monkeypatch):
+    """The feed-forward grid MLP runs a few rows at a time and recomputes its grid activations
+    in the backward: same values as from_grid(mlp(to_grid(x))) and exact gradients for the
+    input and the three weights (also second order)."""
+    from torch import nn
+
+    from fairchem_equiformers.primitives import activation
+
+    torch.manual_seed(0)
+    grid = S2Grid(SphericalLayout(2, 2), 6, edge_layout=False)
+    mlp = nn.Sequential(
+        nn.Linear(3, 4, bias=False),
+        nn.SiLU(),
+        nn.Linear(4, 4, bias=False),
+        nn.SiLU(),
+        nn.Linear(4, 4, bias=False),
+    ).double()
+    x = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(activation, "GRID_CHUNK_ELEMENTS", 2 * 36 * 4)  # 2 rows per chunk
+    plain = grid.from_grid(mlp(grid.to_grid(x)))
+    torch.testing.assert_close(activation.grid_mlp(grid, mlp, x), plain, rtol=1e-14, atol=1e-14)
+
+    def chunked(x, w1, w2, w3):
+        return activation._GridMLP.apply(x, grid.to_grid_matrix, grid.from_grid_matrix.T, w1, w2, w3)
+
+    inputs = (x, mlp[0].weight, mlp[2].weight, mlp[4].weight)
+    assert torch.autograd.gradcheck(chunked, inputs)
+    assert torch.autograd.gradgradcheck(chunked, inputs)

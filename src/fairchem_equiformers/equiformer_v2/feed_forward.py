@@ -11,6 +11,7 @@ from fairchem_equiformers.primitives import (
     S2Grid,
     SeparableS2Activation,
     SO3Linear,
+    grid_mlp,
 )
 
 
@@ -69,7 +70,7 @@ class FeedForward(nn.Module):
         scalars = x[:, 0]  # [N, C_in]
         hidden = self.so3_linear_1(x)  # [N, K, hidden]
         if self.use_grid_mlp:
-            hidden = self.grid.from_grid(self.grid_mlp(self.grid.to_grid(hidden)))
+            hidden = grid_mlp(self.grid, self.grid_mlp, hidden)  # [N, K, hidden]
             if self.scalar_mlp is not None:
                 hidden = torch.cat([self.scalar_mlp(scalars)[:, None], hidden[:, 1:]], dim=1)
         elif self.use_gate_act:

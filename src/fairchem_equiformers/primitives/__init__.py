@@ -4,7 +4,7 @@ Shape symbols: N nodes, E edges, B graphs, K = (lmax+1)**2 node-layout coefficie
 K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H heads.
 """
 
-from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU
+from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
 from .dropout import EquivariantDropout, GraphDropPath
 from .graph import check_structures, radius_graph_nonperiodic
 from .grid import S2Grid
@@ -59,6 +59,7 @@ __all__ = [
     "frame_angles_from_matrices",
     "equivariant_norm",
     "graph_softmax",
+    "grid_mlp",
     "radius_graph_nonperiodic",
     "rotation_generators",
     "swap_matrix",

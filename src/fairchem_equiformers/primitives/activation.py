@@ -86,6 +86,55 @@ def grid_silu(grid: S2Grid, x: torch.Tensor) -> torch.Tensor:
     return _GridSiLU.apply(rows, to_grid, from_grid_t).view(x.shape)
 
 
+def _silu_slope(values: torch.Tensor) -> torch.Tensor:
+    sigmoid = torch.sigmoid(values)
+    return sigmoid * (1 + values * (1 - sigmoid))
+
+
+class _GridMLP(torch.autograd.Function):
+    """``from_grid(W3 silu(W2 silu(W1 to_grid(x))))``: the point-wise MLP on the grid, a chunk of
+    rows at a time, with a backward that recomputes each chunk's grid activations instead of
+    storing five ``[B, G, H]`` tensors. Weights are ``nn.Linear`` weights (``[out, in]``, no
+    bias). Double backward works (differentiable operations when a graph is requested)."""
+
+    @staticmethod
+    def forward(ctx, x, to_grid, from_grid_t, w1, w2, w3):  # x [B, K, C]
+        ctx.save_for_backward(x, to_grid, from_grid_t, w1, w2, w3)
+        out = x.new_empty(x.shape[0], from_grid_t.shape[0], w3.shape[0])
+        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * max(w1.shape)):
+            hidden = nn.functional.silu(nn.functional.linear(to_grid @ x[rows], w1), inplace=True)
+            hidden = nn.functional.silu(nn.functional.linear(hidden, w2), inplace=True)
+            torch.matmul(from_grid_t, nn.functional.linear(hidden, w3), out=out[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [B, K, H]
+        x, to_grid, from_grid_t, w1, w2, w3 = ctx.saved_tensors
+        grad_x, grad_w1, grad_w2, grad_w3 = [], 0, 0, 0
+        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * max(w1.shape)):
+            values = to_grid @ x[rows]  # [b, G, C]
+            pre_1 = nn.functional.linear(values, w1)  # [b, G, H]
+            act_1 = nn.functional.silu(pre_1)
+            pre_2 = nn.functional.linear(act_1, w2)
+            act_2 = nn.functional.silu(pre_2)
+            grad_pre_3 = from_grid_t.T @ grad_out[rows]  # [b, G, H]
+            grad_w3 = grad_w3 + grad_pre_3.flatten(0, 1).T @ act_2.flatten(0, 1)
+            grad_pre_2 = (grad_pre_3 @ w3) * _silu_slope(pre_2)
+            grad_w2 = grad_w2 + grad_pre_2.flatten(0, 1).T @ act_1.flatten(0, 1)
+            grad_pre_1 = (grad_pre_2 @ w2) * _silu_slope(pre_1)
+            grad_w1 = grad_w1 + grad_pre_1.flatten(0, 1).T @ values.flatten(0, 1)
+            grad_x.append(to_grid.T @ (grad_pre_1 @ w1))  # [b, K, C]
+        return torch.cat(grad_x), None, None, grad_w1, grad_w2, grad_w3
+
+
+def grid_mlp(grid: S2Grid, mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``mlp`` (Linear, SiLU, Linear, SiLU, Linear; no biases) at every grid point of the
+    function ``x: [N, K, C]``, projected back: ``[N, K, H]``."""
+    to_grid = grid.to_grid_matrix.to(x.dtype)
+    from_grid_t = grid.from_grid_matrix.to(x.dtype).T
+    return _GridMLP.apply(x, to_grid, from_grid_t, mlp[0].weight, mlp[2].weight, mlp[4].weight)
+
+
 class S2Activation(nn.Module):
     """SiLU applied pointwise to the function on the sphere, then projected back.
 
