@@ -35,9 +35,8 @@ class EdgeRotation:
             block * layout.truncation_rescale(l) if layout.truncation_rescale(l) != 1.0 else block
             for l, block in enumerate(self.blocks)
         ]
-        device = angles[0].device
-        self._to_edge_order = torch.tensor(layout.edge_from_degree_blocks, device=device)
-        self._to_degree_order = torch.tensor(layout.degree_blocks_from_edge, device=device)
+        self._degree_sizes = [2 * l + 1 for l in range(layout.lmax + 1)]
+        self._block_widths = [block.shape[2] for block in self.blocks]
         m0 = [layout.degree_orders(l).index(0) for l in range(layout.lmax + 1)]
         self._m0_columns = [block[:, :, i] for block, i in zip(self.blocks_out, m0)]
 
@@ -51,27 +50,32 @@ class EdgeRotation:
         """Frame given as rotations ``[E, 3, 3]`` that map each edge direction onto ``+y``."""
         return cls(layout, *frame_angles_from_matrices(rotation))
 
+    # Reordering goes through ``split`` and ``cat`` of views: their backward passes are a
+    # ``cat`` and views, where slicing or ``index_select`` would zero-fill a full-size gradient.
+
     def to_edge(self, x: torch.Tensor) -> torch.Tensor:
         """``[E, K, C]`` node layout (already gathered per edge) -> ``[E, K_e, C]`` edge layout."""
-        parts = [x[:, :1]]
-        for l in range(1, self.layout.lmax + 1):
-            x_l = x[:, l * l : (l + 1) * (l + 1)]  # [E, 2l+1, C]
-            parts.append(self.blocks[l].transpose(1, 2) @ x_l)  # [E, r_l, C]
-        return torch.cat(parts, dim=1).index_select(1, self._to_edge_order)
+        degrees = x.split(self._degree_sizes, dim=1)  # [E, 2l+1, C] each
+        rows = list(degrees[0].split(1, dim=1))
+        for block, x_l in zip(self.blocks[1:], degrees[1:]):
+            rows += (block.transpose(1, 2) @ x_l).split(1, dim=1)  # r_l rows [E, 1, C]
+        return torch.cat([rows[i] for i in self.layout.edge_from_degree_blocks], dim=1)
 
     def from_edge(self, y: torch.Tensor) -> torch.Tensor:
         """``[E, K_e, C]`` edge layout -> ``[E, K, C]`` node layout (with truncation rescale)."""
-        blocks = y.index_select(1, self._to_degree_order)
-        parts, start = [blocks[:, :1]], 1
-        for l in range(1, self.layout.lmax + 1):
-            width = self.blocks_out[l].shape[2]
-            parts.append(self.blocks_out[l] @ blocks[:, start : start + width])  # [E, 2l+1, C]
+        rows = y.split(1, dim=1)
+        rows = [rows[i] for i in self.layout.degree_blocks_from_edge]  # degree-block order
+        parts, start = [rows[0]], 1
+        for block, width in zip(self.blocks_out[1:], self._block_widths[1:]):
+            y_l = torch.cat(rows[start : start + width], dim=1)  # [E, r_l, C]
+            parts.append(block @ y_l)  # [E, 2l+1, C]
             start += width
         return torch.cat(parts, dim=1)
 
     def from_edge_m0(self, y_m0: torch.Tensor) -> torch.Tensor:
         """Only ``m = 0`` components ``[E, lmax+1, C]`` -> ``[E, K, C]`` node layout."""
-        parts = [y_m0[:, :1]]
-        for l in range(1, self.layout.lmax + 1):
-            parts.append(self._m0_columns[l][:, :, None] * y_m0[:, l : l + 1])  # [E, 2l+1, C]
+        degrees = y_m0.split(1, dim=1)  # [E, 1, C] each
+        parts = [degrees[0]]
+        for column, y_l in zip(self._m0_columns[1:], degrees[1:]):
+            parts.append(column[:, :, None] * y_l)  # [E, 2l+1, C]
         return torch.cat(parts, dim=1)

@@ -30,8 +30,10 @@ class SO2OrderLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc(x)  # [E, 2, 2 * D * C_out]
         y_real, y_imag = y.chunk(2, dim=-1)  # W_r x, W_i x: [E, 2, D * C_out]
-        out_pos = y_real[:, 0] - y_imag[:, 1]  # W_r x+ - W_i x-
-        out_neg = y_real[:, 1] + y_imag[:, 0]  # W_r x- + W_i x+
+        real_pos, real_neg = y_real.unbind(1)  # unbind, not indexing: no zero-filled gradients
+        imag_pos, imag_neg = y_imag.unbind(1)
+        out_pos = real_pos - imag_neg  # W_r x+ - W_i x-
+        out_neg = real_neg + imag_pos  # W_r x- + W_i x+
         return torch.cat([out_pos, out_neg], dim=1).view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
@@ -77,19 +79,18 @@ class SO2Convolution(nn.Module):
         if self.rad_func is not None:
             weights = self.rad_func(edge_scalars).split(self.radial_widths, dim=1)
 
-        x_0 = x[:, : sizes[0]].reshape(num_edges, sizes[0] * self.in_channels)  # [E, (lmax+1) * C_in]
+        orders = x.split([sizes[0]] + [2 * d for d in sizes[1:]], dim=1)  # views; backward: a cat
+        x_0 = orders[0].reshape(num_edges, sizes[0] * self.in_channels)  # [E, (lmax+1) * C_in]
         if weights is not None:
             x_0 = x_0 * weights[0]
         y_0 = self.fc_m0(x_0)
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], 1)
         outputs = [y_0.view(num_edges, sizes[0], self.out_channels)]
 
-        start = sizes[0]
         for m in range(1, self.layout.mmax + 1):
-            x_m = x[:, start : start + 2 * sizes[m]].reshape(num_edges, 2, sizes[m] * self.in_channels)
+            x_m = orders[m].reshape(num_edges, 2, sizes[m] * self.in_channels)  # [E, 2, D * C_in]
             if weights is not None:
                 x_m = x_m * weights[m][:, None, :]
             outputs.append(self.so2_m_conv[m - 1](x_m))
-            start += 2 * sizes[m]
         out = torch.cat(outputs, dim=1)  # [E, K_e, C_out]
         return (out, extra) if self.extra_m0_channels else out
