@@ -25,6 +25,7 @@ from fairchem_equiformers.primitives import (
     SO2Convolution,
     SO3Linear,
     SphericalLayout,
+    gather_edge_pairs,
     graph_softmax,
 )
 
@@ -164,7 +165,7 @@ class SO2GraphAttention(nn.Module):
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
         )
 
-        message = torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=2)  # [E, K, 2C]
+        message = gather_edge_pairs(x, edges.edge_index)  # [E, K, 2C]
         if self.use_m_share_rad:
             weight = self.rad_func(edge_scalars).view(
                 message.shape[0], self.layout.lmax + 1, message.shape[2]

@@ -38,7 +38,8 @@ class GateActivation(nn.Module):
     def forward(self, gates: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         gates = torch.sigmoid(gates).view(x.shape[0], self.lmax, self.num_channels)
         gates = gates.index_select(1, self.gate_index)  # [*, K'-1, C]
-        return torch.cat([nn.functional.silu(x[:, :1]), x[:, 1:] * gates], dim=1)
+        scalar, rest = x.split([1, x.shape[1] - 1], dim=1)
+        return torch.cat([nn.functional.silu(scalar), rest * gates], dim=1)
 
 
 # Grid values per chunk of ``grid_silu`` (floats): small enough to stay in cache.
@@ -48,6 +49,15 @@ GRID_CHUNK_ELEMENTS = 1 << 19
 def _row_chunks(rows: int, row_elements: int) -> list[slice]:
     step = max(1, GRID_CHUNK_ELEMENTS // max(row_elements, 1))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _silu_grad(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``grad * silu'(values)``: one fused kernel, or differentiable operations when the
+    backward itself is being recorded (aten's ``silu_backward`` has no derivative)."""
+    if not torch.is_grad_enabled():
+        return torch.ops.aten.silu_backward(grad, values)
+    sigmoid = torch.sigmoid(values)
+    return grad * (sigmoid * (1 + values * (1 - sigmoid)))
 
 
 class _GridSiLU(torch.autograd.Function):
@@ -72,8 +82,7 @@ class _GridSiLU(torch.autograd.Function):
         chunks = []
         for rows in _row_chunks(x.shape[0], to_grid.shape[0] * x.shape[2]):
             values = to_grid @ x[rows]  # [b, G, C]
-            sigmoid = torch.sigmoid(values)
-            grad_values = (from_grid_t.T @ grad_out[rows]) * (sigmoid * (1 + values * (1 - sigmoid)))
+            grad_values = _silu_grad(from_grid_t.T @ grad_out[rows], values)
             chunks.append(to_grid.T @ grad_values)  # [b, K', C]
         return torch.cat(chunks), None, None
 
@@ -84,11 +93,6 @@ def grid_silu(grid: S2Grid, x: torch.Tensor) -> torch.Tensor:
     from_grid_t = grid.from_grid_matrix.to(x.dtype).T
     rows = x.reshape(-1, *x.shape[-2:])
     return _GridSiLU.apply(rows, to_grid, from_grid_t).view(x.shape)
-
-
-def _silu_slope(values: torch.Tensor) -> torch.Tensor:
-    sigmoid = torch.sigmoid(values)
-    return sigmoid * (1 + values * (1 - sigmoid))
 
 
 class _GridMLP(torch.autograd.Function):
@@ -119,9 +123,9 @@ class _GridMLP(torch.autograd.Function):
             act_2 = nn.functional.silu(pre_2)
             grad_pre_3 = from_grid_t.T @ grad_out[rows]  # [b, G, H]
             grad_w3 = grad_w3 + grad_pre_3.flatten(0, 1).T @ act_2.flatten(0, 1)
-            grad_pre_2 = (grad_pre_3 @ w3) * _silu_slope(pre_2)
+            grad_pre_2 = _silu_grad(grad_pre_3 @ w3, pre_2)
             grad_w2 = grad_w2 + grad_pre_2.flatten(0, 1).T @ act_1.flatten(0, 1)
-            grad_pre_1 = (grad_pre_2 @ w2) * _silu_slope(pre_1)
+            grad_pre_1 = _silu_grad(grad_pre_2 @ w2, pre_1)
             grad_w1 = grad_w1 + grad_pre_1.flatten(0, 1).T @ values.flatten(0, 1)
             grad_x.append(to_grid.T @ (grad_pre_1 @ w1))  # [b, K, C]
         return torch.cat(grad_x), None, None, grad_w1, grad_w2, grad_w3
@@ -159,5 +163,5 @@ class SeparableS2Activation(nn.Module):
         self.s2_act = S2Activation(grid)
 
     def forward(self, scalars: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = self.s2_act(x)
-        return torch.cat([nn.functional.silu(scalars)[:, None, :], out[:, 1:]], dim=1)
+        _, out = self.s2_act(x).split([1, x.shape[1] - 1], dim=1)
+        return torch.cat([nn.functional.silu(scalars)[:, None, :], out], dim=1)
