@@ -2,7 +2,9 @@
 
 Measures, on a batch of ~80-atom OC20-like slabs: inference (no grad), a training step
 (forward, energy + force loss, backward), and the peak memory of each, then prints the ratios.
-Every (implementation, mode) runs in a fresh subprocess so that its peak resident memory is its
+Also the achieved GFLOP/s of the useful work (the plugin's matmul FLOPs per step, counted by
+torch's FlopCounterMode) against the machine's matmul peak, measured in the same run. Every
+(implementation, mode) runs in a fresh subprocess so that its peak resident memory is its
 own (CPU allocations are invisible to torch's memory statistics).
 
     python benchmarks/bench_equiformer_v2.py --model 31M --structures 2 --repeats 3
@@ -98,13 +100,34 @@ def worker(args) -> dict:
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flops = None
+    if args.impl != "reference":  # the plugin's matmul FLOPs are the useful work
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
     return {
+        "flops": flops,
         "seconds": min(times),
         "atoms_per_second": natoms / min(times),
         "peak_mib": (peak - rss_before) / 1024,
         "natoms": natoms,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
+
+
+def matmul_peak(threads: int) -> float:
+    """GFLOP/s of a 3072 x 3072 float32 GEMM: the machine's practical matmul peak."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(3072, 3072), torch.randn(3072, 3072)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 3072**3 / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
@@ -123,6 +146,9 @@ def main() -> None:
     )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker == ["peak", "matmul"]:
+        print(json.dumps({"gflops": matmul_peak(args.threads)}))
+        return
     if args.worker:
         args.impl, args.mode = args.worker
         print(json.dumps(worker(args)))
@@ -130,8 +156,9 @@ def main() -> None:
 
     comparisons = {"direct": [("reference", "ours")], "conservative": [("ours", "conservative")]}
     comparisons["both"] = comparisons["direct"] + comparisons["conservative"]
+    peak = run_worker(args, "peak", "matmul")["gflops"]
     for baseline, candidate in comparisons[args.forces]:
-        compare(args, baseline, candidate)
+        compare(args, baseline, candidate, peak)
 
 
 def run_worker(args, impl: str, mode: str) -> dict:
@@ -142,19 +169,25 @@ def run_worker(args, impl: str, mode: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def compare(args, baseline: str, candidate: str) -> None:
-    """Print s/step, atoms/s and peak memory of ``candidate`` against ``baseline``."""
+def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
+    """Print s/step, atoms/s and peak memory of ``candidate`` against ``baseline``, and the
+    rate of useful work (the candidate's matmul FLOPs per step) against the matmul peak."""
     results = {(impl, mode): run_worker(args, impl, mode) for mode in ("inference", "train")
                for impl in (baseline, candidate)}  # fmt: skip
     first = results[(candidate, "inference")]
     print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
-    print(f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
+    print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); "
+          f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 float32 GEMM, same threads)")  # fmt: skip
+    print(f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}")
     for mode in ("inference", "train"):
+        useful = results[(candidate, mode)]["flops"]
         for impl in (baseline, candidate):
             r = results[(impl, mode)]
+            rate = useful / r["seconds"] / 1e9
             print(
                 f"{mode:<10} {impl:<13} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
+                f" {rate:8.1f} {rate / peak_gflops:8.0%}"
             )
         base, cand = results[(baseline, mode)], results[(candidate, mode)]
         print(f"{mode:<10} {'ratio':<13} {candidate} takes x{cand['seconds'] / base['seconds']:.2f} the time "
