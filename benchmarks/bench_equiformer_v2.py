@@ -54,6 +54,22 @@ def slabs(count: int):
     return out
 
 
+def run_step(model, batch, mode: str) -> None:
+    """One inference pass (no grad) or one training step (forward, energy + force loss,
+    backward): the unit every EquiformerV2 benchmark times."""
+    import torch
+
+    if mode == "inference":
+        model.eval()
+        with torch.no_grad():  # conservative forces re-enable gradients inside forward
+            model(batch)
+    else:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        (out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()).backward()
+
+
 def worker(args) -> dict:
     import torch
     from fairchem.core.datasets import data_list_collater
@@ -81,16 +97,7 @@ def worker(args) -> dict:
     natoms = int(batch.natoms.sum())
 
     def step():
-        if args.mode == "inference":
-            model.eval()
-            with torch.no_grad():  # conservative forces re-enable gradients inside forward
-                model(batch)
-        else:
-            model.train()
-            model.zero_grad(set_to_none=True)
-            out = model(batch)
-            loss = out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()
-            loss.backward()
+        run_step(model, batch, args.mode)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up

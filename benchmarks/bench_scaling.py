@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from bench_equiformer_v2 import PRESETS, RELEASED
+from bench_equiformer_v2 import PRESETS, RELEASED, run_step
 
 SLAB_SIZES = [(2, 2, 6), (3, 3, 5), (4, 4, 6), (6, 6, 5), (8, 8, 6), (10, 10, 10)]  # 26 .. 1002 atoms
 NEIGHBOURS = [5, 10, 20, 30, 40]
@@ -49,15 +49,7 @@ def worker(args) -> dict:
     batch = data_list_collater([AtomsToGraphs(r_edges=False, r_pbc=True).convert(structure(args.size))])
 
     def step():
-        if args.mode == "inference":
-            model.eval()
-            with torch.no_grad():
-                model(batch)
-        else:
-            model.train()
-            model.zero_grad(set_to_none=True)
-            out = model(batch)
-            (out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()).backward()
+        run_step(model, batch, args.mode)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up

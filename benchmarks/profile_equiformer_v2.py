@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_equiformer_v2 import PRESETS, RELEASED, slabs
+from bench_equiformer_v2 import PRESETS, RELEASED, run_step, slabs
 
 
 def main() -> None:
@@ -37,23 +37,12 @@ def main() -> None:
     converter = AtomsToGraphs(r_edges=False, r_pbc=True)
     batch = data_list_collater([converter.convert(a) for a in slabs(args.structures)])
 
-    def step(model):
-        if args.mode == "inference":
-            model.eval()
-            with torch.no_grad():
-                model(batch)
-        else:
-            model.train()
-            model.zero_grad(set_to_none=True)
-            out = model(batch)
-            (out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()).backward()
-
     impls = {"reference": reference, "ours": ours}
     names = list(impls) if args.impl == "both" else [args.impl]
     for name in names:
-        step(impls[name])  # warm-up
+        run_step(impls[name], batch, args.mode)  # warm-up
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-            step(impls[name])
+            run_step(impls[name], batch, args.mode)
         events = profile.key_averages()
         total = sum(e.self_cpu_time_total for e in events) / 1e6
         print(f"\n{name}, {args.mode}: {total:.2f} s self CPU time in operators")
