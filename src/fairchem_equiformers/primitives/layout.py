@@ -60,14 +60,6 @@ class SphericalLayout:
                 block_pos[(l, m)] = len(block_pos)
         return [block_pos[lm] for lm in self.edge_lm]
 
-    @cached_property
-    def degree_blocks_from_edge(self) -> list[int]:
-        """Inverse of :attr:`edge_from_degree_blocks`: ``blocks = edge[:, perm]``."""
-        inverse = [0] * self.num_edge_coefficients
-        for edge_pos, block_pos in enumerate(self.edge_from_degree_blocks):
-            inverse[block_pos] = edge_pos
-        return inverse
-
     def edge_index_of(self, l: int, m: int) -> int:
         return self.edge_lm.index((l, m))
 
