@@ -41,11 +41,15 @@ def test_full_class_path_resolves_without_importing_the_plugin():
         import sys
         from fairchem.core.common.registry import registry
         assert "fairchem_equiformers" not in sys.modules
-        cls = registry.get_model_class("fairchem_equiformers.EquiformerV2")
-        print(cls.__module__, cls.__name__)
+        for name in ("EquiformerV2", "DEQEquiformerV1"):
+            cls = registry.get_model_class(f"fairchem_equiformers.{name}")
+            print(cls.__module__, cls.__name__)
         """
     )
-    assert out.split() == ["fairchem_equiformers.equiformer_v2.model", "EquiformerV2"]
+    assert out.split() == [
+        "fairchem_equiformers.equiformer_v2.model", "EquiformerV2",
+        "fairchem_equiformers.deq.model_v1", "DEQEquiformerV1",
+    ]  # fmt: skip
 
 
 def test_registered_names_do_not_shadow_fairchem_builtins():
@@ -69,7 +73,8 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
     models = sorted(
         f"fairchem_equiformers.{name}" for name in fairchem_equiformers.__all__ if name != "ForcesTrainer"
     )
-    assert "fairchem_equiformers.EquiformerV2" in models
+    for name in ("EquiformerV1", "EquiformerV2", "E2Former", "DEQEquiformerV1", "DEQEquiformerV2"):
+        assert f"fairchem_equiformers.{name}" in models
     assert new["model_name_mapping"] == models
     assert new["trainer_name_mapping"] == ["fairchem_equiformers.ForcesTrainer"]
     assert not set(new["model_name_mapping"]) & BUILTIN_MODELS

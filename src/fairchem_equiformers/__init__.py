@@ -5,11 +5,18 @@ paths (e.g. ``fairchem_equiformers.EquiformerV2``), so the same name works in a 
 stock ``fairchem`` CLI (which imports the package on demand) and in Python after import.
 """
 
-from .deq import DEQEquiformerV2
+from .deq import DEQEquiformerV1, DEQEquiformerV2
 from .e2former import E2Former
 from .equiformer_v1 import EquiformerV1
 from .equiformer_v2 import EquiformerV2
 from .training import ForcesTrainer
 
-__all__ = ["DEQEquiformerV2", "E2Former", "EquiformerV1", "EquiformerV2", "ForcesTrainer"]
+__all__ = [
+    "DEQEquiformerV1",
+    "DEQEquiformerV2",
+    "E2Former",
+    "EquiformerV1",
+    "EquiformerV2",
+    "ForcesTrainer",
+]
 __version__ = "0.1.0"

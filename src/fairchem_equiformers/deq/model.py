@@ -21,6 +21,7 @@ map between solver iterations).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -48,13 +49,18 @@ def _settings(name: str, values: dict | None, default: dict) -> SolverSettings:
     return SolverSettings(**{**default, **values})
 
 
-@registry.register_model("fairchem_equiformers.DEQEquiformerV2")
-class DEQEquiformerV2(EquiformerV2):
-    """EquiformerV2 whose transformer blocks are replaced by the fixed point of ``num_layers``
-    weight-tied blocks (see the module docstring). Every EquiformerV2 argument is accepted
-    (``num_layers`` counts the blocks inside the map) except the dropouts inside it.
+class DEQMixin:
+    """The deep-equilibrium machinery shared by :class:`DEQEquiformerV2` and
+    :class:`~fairchem_equiformers.deq.model_v1.DEQEquiformerV1`: argument checks, solver settings,
+    the solve with the chosen gradient, fixed-point reuse, stabiliser losses and statistics.
 
-    DEQ arguments:
+    A model is ``class DEQModel(DEQMixin, Model)``: it lists the dropouts to refuse in
+    ``_deq_dropouts``, builds ``injection_norm`` / ``fixed_point_norm`` and calls
+    ``_weight_normalise(map_modules)`` in its ``__init__``, and its block loop (``_interact``)
+    returns ``self._fixed_point(f, injection, data)`` for its map ``f`` (``z -> f(z)``, any shape
+    ``[N, ...]``, the injection already inside ``f``).
+
+    DEQ arguments (keyword, every one with a default):
 
     * ``solver``: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``;
     * ``solver_train`` / ``solver_eval`` / ``solver_reuse``: ``{abs_tol, rel_tol, max_iter}`` in
@@ -78,9 +84,11 @@ class DEQEquiformerV2(EquiformerV2):
     ``DEQConvergenceWarning`` and use their best iterate.
     """
 
+    _deq_dropouts: tuple[str, ...] = ()  # the base model's dropout arguments, refused unless 0
+
     def __init__(
         self,
-        num_layers: int = 2,
+        *,
         solver: str = "anderson",
         solver_train: dict | None = None,
         solver_eval: dict | None = None,
@@ -93,12 +101,13 @@ class DEQEquiformerV2(EquiformerV2):
         jacobian_weight: float = 0.0,
         fp_correction_weight: float = 0.0,
         fp_correction_states: int = 1,
-        **equiformer_v2_args,
+        **model_args,
     ) -> None:
-        for name in ("alpha_drop", "drop_path_rate", "proj_drop"):
-            if equiformer_v2_args.pop(name, 0.0):
+        name = type(self).__name__
+        for dropout in self._deq_dropouts:
+            if model_args.pop(dropout, 0.0):
                 raise ValueError(
-                    f"{name} must be 0 in DEQEquiformerV2: dropout would change the map between iterations"
+                    f"{dropout} must be 0 in {name}: dropout would change the map between iterations"
                 )
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r}; choose from {sorted(SOLVERS)}")
@@ -115,9 +124,7 @@ class DEQEquiformerV2(EquiformerV2):
             )
         if jacobian_weight > 0 and gradient == "unrolled":
             raise ValueError("jacobian_weight needs gradient='phantom' or 'ift' (the penalty is taken at z*)")
-        super().__init__(
-            num_layers=num_layers, alpha_drop=0.0, drop_path_rate=0.0, proj_drop=0.0, **equiformer_v2_args
-        )
+        super().__init__(**dict.fromkeys(self._deq_dropouts, 0.0), **model_args)
         self.solver = solver
         self.solver_train = _settings("solver_train", solver_train, TRAIN_SOLVER)
         self.solver_eval = _settings("solver_eval", solver_eval, EVAL_SOLVER)
@@ -126,18 +133,20 @@ class DEQEquiformerV2(EquiformerV2):
         self.gradient = gradient
         self.phantom_steps = phantom_steps
         self.reuse_fixed_point = reuse_fixed_point
+        self.weight_norm = weight_norm
         self.jacobian_weight = jacobian_weight
         self.fp_correction_weight = fp_correction_weight
         self.fp_correction_states = fp_correction_states
-        channels = self.norm.num_channels
-        self.injection_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
-        self.fixed_point_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
-        self.weight_normalised = apply_weight_norm(self.blocks) if weight_norm else []
+        self.weight_normalised: list[str] = []
         self.deq_stats: dict[str, float] = {}
         self.last_solve: SolverResult | None = None
         self.deq_auxiliary_loss: torch.Tensor | None = None
         self._call_solver: SolverSettings | None = None
         self._previous: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _weight_normalise(self, map_modules) -> None:
+        """With ``weight_norm``, weight-normalise the linear layers of the map's modules."""
+        self.weight_normalised = apply_weight_norm(map_modules) if self.weight_norm else []
 
     def forward(self, data, solver: SolverSettings | None = None) -> dict[str, torch.Tensor]:
         self._call_solver = solver
@@ -151,7 +160,7 @@ class DEQEquiformerV2(EquiformerV2):
         self._previous = None
 
     def _initial_state(self, injection: torch.Tensor, data) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z_0 [N, K, C]`` and which structures ``[B]`` start from a stored fixed point."""
+        """``z_0 [N, ...]`` and which structures ``[B]`` start from a stored fixed point."""
         counts = data.natoms.tolist()
         z0 = torch.zeros_like(injection)
         reused = torch.zeros(len(counts), dtype=torch.bool, device=injection.device)
@@ -174,19 +183,14 @@ class DEQEquiformerV2(EquiformerV2):
             return self.solver_reuse
         return self.solver_train if self.training else self.solver_eval
 
-    def _interact(self, injection: torch.Tensor, edges: EdgeContext, data) -> torch.Tensor:
-        """The fixed point of the blocks, ``[N, K, C] -> [N, K, C]``."""
-        injection = self.injection_norm(injection)  # [N, K, C]
+    def _fixed_point(
+        self, f: Callable[[torch.Tensor], torch.Tensor], injection: torch.Tensor, data
+    ) -> torch.Tensor:
+        """The differentiable fixed point ``z* = f(z*)`` ``[N, ...]`` (``injection``: its shape and
+        dtype, for ``z_0``), with the configured solver, gradient, reuse, stabilisers and stats."""
         batch, num_graphs = data.batch, len(data.natoms)
         sid = getattr(data, "sid", None)
         structure_ids = sid.tolist() if torch.is_tensor(sid) else sid
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            x = z + injection
-            for block in self.blocks:
-                x = block(x, edges, batch, num_graphs)
-            return self.fixed_point_norm(x)
-
         z0, reused = self._initial_state(injection, data)
         settings = self._solver_settings(reused)
         max_iter = settings.max_iter
@@ -249,3 +253,33 @@ class DEQEquiformerV2(EquiformerV2):
         state = dict(self.__dict__)
         state["deq_auxiliary_loss"] = None
         return state
+
+
+@registry.register_model("fairchem_equiformers.DEQEquiformerV2")
+class DEQEquiformerV2(DEQMixin, EquiformerV2):
+    """EquiformerV2 whose transformer blocks are replaced by the fixed point of ``num_layers``
+    weight-tied blocks (see the module docstring). Every EquiformerV2 argument is accepted
+    (``num_layers`` counts the blocks inside the map) except the dropouts inside it, and every
+    DEQ argument of :class:`DEQMixin` (solver, tolerances, gradient, reuse, stabilisers)."""
+
+    _deq_dropouts = ("alpha_drop", "drop_path_rate", "proj_drop")
+
+    def __init__(self, num_layers: int = 2, **args) -> None:
+        super().__init__(num_layers=num_layers, **args)
+        channels = self.norm.num_channels
+        self.injection_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
+        self.fixed_point_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
+        self._weight_normalise(self.blocks)
+
+    def _interact(self, injection: torch.Tensor, edges: EdgeContext, data) -> torch.Tensor:
+        """The fixed point of the blocks, ``[N, K, C] -> [N, K, C]``."""
+        injection = self.injection_norm(injection)  # [N, K, C]
+        batch, num_graphs = data.batch, len(data.natoms)
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            x = z + injection
+            for block in self.blocks:
+                x = block(x, edges, batch, num_graphs)
+            return self.fixed_point_norm(x)
+
+        return self._fixed_point(f, injection, data)

@@ -1,9 +1,11 @@
 """Stabilisers of deep equilibrium models.
 
 * :func:`apply_weight_norm`: ``w = g * v / ||v||`` (Salimans & Kingma 2016) on every linear map of
-  a module: ``nn.Linear`` (which includes the SO(2) convolutions' maps and the radial MLPs) and
-  the equivariant :class:`~fairchem_equiformers.primitives.SO3Linear` (one norm per degree and
-  output channel), so a DEQ's Lipschitz constant is set by the learnable scales ``g``;
+  a module: ``nn.Linear`` (which includes the SO(2) convolutions' maps and the radial MLPs), the
+  equivariant :class:`~fairchem_equiformers.primitives.SO3Linear` (one norm per degree and
+  output channel) and e3nn's ``o3.Linear`` on irreps (Equiformer V1; one norm per output
+  channel of each output irrep block, over all its input paths), so a DEQ's Lipschitz constant
+  is set by the learnable scales ``g``;
 * :func:`jacobian_penalty`: Hutchinson estimate of ``||J_f(z*)||_F^2 / dim(z)`` (Bai et al. 2021),
   to keep the fixed-point map contractive;
 * :func:`fixed_point_correction_loss`: one differentiable step from states along the solver path
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from e3nn import o3
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -39,15 +42,61 @@ class WeightNorm(nn.Module):
         return self.scale * direction / norm
 
 
+class IrrepsWeightNorm(nn.Module):
+    """Weight norm of an e3nn ``o3.Linear``, whose weights are one flat vector ``[W]`` of blocks
+    ``[mul_in, mul_out]`` (one per path ``irrep_in -> irrep_out``): ``weight = scale[group] *
+    direction / ||direction||_group`` with one group per output channel of each output irrep
+    block (all paths into it, all input channels). Every weight only scales an equivariant path,
+    so the layer stays equivariant; ``scale: [G]`` starts at the groups' norms, so applying it
+    leaves the layer's function unchanged."""
+
+    def __init__(self, linear: o3.Linear) -> None:
+        super().__init__()
+        out_offsets = [0]
+        for mul, _ in linear.irreps_out:
+            out_offsets.append(out_offsets[-1] + mul)
+        groups = []
+        for ins in linear.instructions:
+            if ins.i_in == -1:  # a bias (not part of ``weight``)
+                continue
+            mul_in, mul_out = ins.path_shape
+            channel = out_offsets[ins.i_out] + torch.arange(mul_out)  # [mul_out]
+            groups.append(channel.repeat(mul_in))  # row-major [mul_in, mul_out]
+        group = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
+        if group.numel() != linear.weight.numel():
+            raise ValueError(f"unexpected o3.Linear weight layout: {linear}")
+        self.num_groups = out_offsets[-1]
+        self.register_buffer("group", group, persistent=False)
+        self.scale = nn.Parameter(self._norms(linear.weight.detach()))
+
+    def _norms(self, direction: torch.Tensor) -> torch.Tensor:
+        squares = direction.new_zeros(self.num_groups).index_add(0, self.group, direction.pow(2))
+        return squares.sqrt()  # [G]
+
+    def forward(self, direction: torch.Tensor) -> torch.Tensor:
+        norm = self._norms(direction).clamp_min(torch.finfo(direction.dtype).tiny)
+        return (self.scale / norm)[self.group] * direction
+
+
+def _has_weight(module: nn.Module) -> bool:
+    """A module with its own (not yet parametrised, non-empty) ``weight`` parameter."""
+    if parametrize.is_parametrized(module, "weight"):
+        return False
+    weight = module._parameters.get("weight")
+    return isinstance(weight, nn.Parameter) and weight.numel() > 0
+
+
 def apply_weight_norm(module: nn.Module) -> list[str]:
-    """Weight-normalise every ``nn.Linear`` and ``SO3Linear`` in ``module``; returns their names."""
+    """Weight-normalise every ``nn.Linear``, ``SO3Linear`` and e3nn ``o3.Linear`` (with its own
+    weights) in ``module``; returns their names."""
     linears = [
         (name, sub)
         for name, sub in module.named_modules()
-        if isinstance(sub, (nn.Linear, SO3Linear)) and not parametrize.is_parametrized(sub, "weight")
+        if isinstance(sub, (nn.Linear, SO3Linear, o3.Linear)) and _has_weight(sub)
     ]
     for _, sub in linears:
-        parametrize.register_parametrization(sub, "weight", WeightNorm(sub.weight))
+        norm = IrrepsWeightNorm(sub) if isinstance(sub, o3.Linear) else WeightNorm(sub.weight)
+        parametrize.register_parametrization(sub, "weight", norm)
     return [name for name, _ in linears]
 
 

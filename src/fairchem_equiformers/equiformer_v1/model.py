@@ -234,12 +234,19 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         x = torch.cat(
             [x[:, :scalars] + self.atom_embedding(atomic_numbers).to(x.dtype), x[:, scalars:]], dim=1
         )
-        for block in self.blocks:
-            x = block(x, edges, batch, num_graphs)
-        x = self.norm(x)  # [N, D_feature]
+        x = self._interact(x, edges, data)  # [N, D_feature]
+        x = self.norm(x)
         node_energy = self.energy_head(x)[:, 0]  # [N]
         energy = node_energy.new_zeros(num_graphs).index_add_(0, batch, node_energy)
         return energy / math.sqrt(self.avg_num_nodes), x, edges
+
+    def _interact(self, x: torch.Tensor, edges: EdgeFeatures, data) -> torch.Tensor:
+        """The transformer blocks, ``[N, D_node] -> [N, D_feature]`` (``DEQEquiformerV1`` replaces
+        all but the last by the fixed point of its blocks)."""
+        batch, num_graphs = data.batch, len(data.natoms)
+        for block in self.blocks:
+            x = block(x, edges, batch, num_graphs)
+        return x
 
     def _apply(self, fn, *args, **kwargs):
         """Casts as usual, but the Wigner 3j constants are converted from exact float64 values."""
