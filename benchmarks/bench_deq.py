@@ -1,8 +1,11 @@
-"""DEQ EquiformerV2 against explicit EquiformerV2s on molecular dynamics frames.
+"""DEQ Equiformers against explicit Equiformers on molecular dynamics frames (``--family v2``:
+DEQEquiformerV2 vs EquiformerV2; ``--family v1``: DEQEquiformerV1 vs EquiformerV1).
 
 Compared: the DEQ (the fixed point of ``--blocks`` transformer blocks), the explicit model of the
 same width and depth (the same blocks applied once), and the explicit model with as many layers
-as the DEQ's mean solver iterations in training. All are trained the same way on frames of a
+as the DEQ's mean solver iterations in training. (V1's DEQ decodes with one more block, V1's own
+last block, so its explicit counterparts have one more block too: ``--blocks`` + 1 and
+iterations + 1.) All are trained the same way on frames of a
 GFN2-xTB trajectory (``fairchem_equiformers.data.molecules.md_frames``), forces = -dE/dpos.
 
 Reported per model: parameters, force MAE on held-out frames after a short training, the
@@ -10,7 +13,7 @@ training step's activation memory (bytes autograd saves for the backward pass, a
 memory on a GPU), the training step time, and the inference time per frame on consecutive
 frames (one structure per call, as in MD); for the DEQ also with fixed-point reuse.
 
-    python benchmarks/bench_deq.py [--molecule ethanol] [--frames 240] [--steps 300]
+    python benchmarks/bench_deq.py [--family v2|v1] [--molecule ethanol] [--frames 240] [--steps 300]
 """
 
 from __future__ import annotations
@@ -23,15 +26,25 @@ import torch
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 
-from fairchem_equiformers import DEQEquiformerV2, EquiformerV2
+from fairchem_equiformers import DEQEquiformerV1, DEQEquiformerV2, EquiformerV1, EquiformerV2
 from fairchem_equiformers.data.molecules import md_frames
+from fairchem_equiformers.deq.model import DEQMixin
 
-WIDTH = dict(
+WIDTH_V2 = dict(
     use_pbc=False, direct_forces=False, max_radius=5.0, max_neighbors=100, sphere_channels=32,
     attn_hidden_channels=32, num_heads=4, attn_alpha_channels=16, attn_value_channels=8,
     ffn_hidden_channels=64, norm_type="layer_norm_sh", lmax_list=[2], mmax_list=[2], grid_resolution=10,
     edge_channels=32, num_distance_basis=64, use_grid_mlp=True, avg_num_nodes=9.0, avg_degree=8.0,
 )  # fmt: skip
+WIDTH_V1 = dict(
+    use_pbc=False, direct_forces=False, max_radius=5.0, irreps_node_embedding="32x0e+16x1e+8x2e",
+    irreps_head="16x0e+8x1e+4x2e", num_heads=2, irreps_mlp_mid="96x0e+48x1e+24x2e",
+    irreps_feature="128x0e", avg_num_nodes=9.0, avg_degree=8.0,
+)  # fmt: skip
+FAMILIES = {  # family: (DEQ class, explicit class, explicit width kwargs, extra explicit blocks)
+    "v2": (DEQEquiformerV2, EquiformerV2, WIDTH_V2, dict(alpha_drop=0.0, drop_path_rate=0.0), 0),
+    "v1": (DEQEquiformerV1, EquiformerV1, WIDTH_V1, {}, 1),
+}
 
 
 def graphs(frames, device):
@@ -81,7 +94,7 @@ def train(model, train_data, steps, energy_mean, energy_std, force_std, seed=0):
         optimizer.step()
         schedule.step()
         step_times.append(time.perf_counter() - start)
-        if isinstance(model, DEQEquiformerV2):
+        if isinstance(model, DEQMixin):
             iterations.append(model.deq_stats["iterations"])
     return float(np.median(step_times)), float(np.mean(iterations)) if iterations else None
 
@@ -103,7 +116,7 @@ def activation_memory(model, data, device) -> tuple[int, int | None]:
 def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
     """Force MAE (eV/A) and seconds per frame, one frame per call in trajectory order."""
     model.eval()
-    if isinstance(model, DEQEquiformerV2):
+    if isinstance(model, DEQMixin):
         model.reuse_fixed_point = reuse
         model.reset_fixed_point()
     errors, times, iterations = [], [], []
@@ -113,7 +126,7 @@ def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
         out = model(batch)
         times.append(time.perf_counter() - start)
         errors.append((out["forces"].detach() * force_std - batch.forces).abs().mean().item())
-        if isinstance(model, DEQEquiformerV2):
+        if isinstance(model, DEQMixin):
             iterations.append(model.deq_stats["iterations"])
     return (
         float(np.mean(errors)),
@@ -126,6 +139,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="v2")
     parser.add_argument("--molecule", default="ethanol")
     parser.add_argument("--frames", type=int, default=240)
     parser.add_argument("--test-frames", type=int, default=40, help="the last frames, in order")
@@ -159,7 +173,7 @@ def main(argv=None) -> None:
         mae, infer, iterations = evaluate(model, test_data, energy_mean, energy_std, force_std)
         row = dict(name=name, params=sum(p.numel() for p in model.parameters()), mae=mae, saved=saved,
                    peak=peak, step=step_time, infer=infer, iterations=iterations)  # fmt: skip
-        if isinstance(model, DEQEquiformerV2):
+        if isinstance(model, DEQMixin):
             _, row["infer_reuse"], row["iterations_reuse"] = evaluate(
                 model, test_data, energy_mean, energy_std, force_std, reuse=True
             )
@@ -167,20 +181,17 @@ def main(argv=None) -> None:
         print(row, flush=True)
         return train_iterations
 
+    deq_class, explicit_class, width, explicit_extra, decoder_blocks = FAMILIES[args.family]
     torch.manual_seed(args.seed)
-    deq = DEQEquiformerV2(num_layers=args.blocks, **WIDTH).to(device)
+    deq = deq_class(num_layers=args.blocks, **width).to(device)
     train_iterations = run(f"DEQ ({args.blocks} block{'s' * (args.blocks > 1)})", deq)
-    torch.manual_seed(args.seed)
-    run(f"explicit, {args.blocks} layer{'s' * (args.blocks > 1)}", EquiformerV2(
-        num_layers=args.blocks, alpha_drop=0.0, drop_path_rate=0.0, **WIDTH).to(device))  # fmt: skip
-    deep = max(1, round(train_iterations))
-    torch.manual_seed(args.seed)
-    run(
-        f"explicit, {deep} layers",
-        EquiformerV2(num_layers=deep, alpha_drop=0.0, drop_path_rate=0.0, **WIDTH).to(device),
-    )
+    for depth in (args.blocks, max(1, round(train_iterations))):
+        layers = depth + decoder_blocks
+        torch.manual_seed(args.seed)
+        model = explicit_class(num_layers=layers, **explicit_extra, **width).to(device)
+        run(f"explicit, {layers} layer{'s' * (layers > 1)}", model)
 
-    print(f"\n{args.molecule}, {len(train_data)} training frames, {args.steps} steps of 4, device {device}; "
+    print(f"\n{args.family}: {args.molecule}, {len(train_data)} training frames, {args.steps} steps of 4, device {device}; "
           f"DEQ mean solver iterations in training {train_iterations:.1f}")  # fmt: skip
     print("| model | params | force MAE (eV/A) | train activations (MB) | train step (s) | "
           "inference (ms/frame) | with reuse (ms/frame) | solver iterations (reuse) |")  # fmt: skip
