@@ -18,6 +18,11 @@ from .radial import RadialMLP
 class SO2OrderLinear(nn.Module):
     """The complex linear map of one order ``m > 0``: ``(W_r + i W_i)(x_{+m} + i x_{-m})``.
 
+    ``fc`` holds ``[W_r; W_i]`` (the released checkpoints' layout). The map is applied as one
+    real matmul with ``[[W_r, -W_i], [W_i, W_r]]`` on ``[x_{+m}, x_{-m}]``: the same multiply-adds
+    as ``fc`` on both rows, and the output comes out in place, with no recombination of four
+    partial products and no concatenation in either pass.
+
     Shapes: ``x: [E, 2, D * C_in]`` (rows +m, -m; D = lmax - m + 1 degrees)
     -> ``[E, 2 * D, C_out]`` (+m degrees, then -m degrees)."""
 
@@ -28,13 +33,10 @@ class SO2OrderLinear(nn.Module):
         self.fc = nn.Linear(num_degrees * in_channels, 2 * num_degrees * out_channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)  # [E, 2, 2 * D * C_out]
-        y_real, y_imag = y.chunk(2, dim=-1)  # W_r x, W_i x: [E, 2, D * C_out]
-        real_pos, real_neg = y_real.unbind(1)  # unbind, not indexing: no zero-filled gradients
-        imag_pos, imag_neg = y_imag.unbind(1)
-        out_pos = real_pos - imag_neg  # W_r x+ - W_i x-
-        out_neg = real_neg + imag_pos  # W_r x- + W_i x+
-        return torch.cat([out_pos, out_neg], dim=1).view(x.shape[0], 2 * self.num_degrees, self.out_channels)
+        w_real, w_imag = self.fc.weight.chunk(2, dim=0)  # [D * C_out, D * C_in] each
+        weight = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)])
+        y = nn.functional.linear(x.reshape(x.shape[0], -1), weight)  # [E, 2 * D * C_out]
+        return y.view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
 class SO2Convolution(nn.Module):
