@@ -141,3 +141,13 @@ def s2ef_config(dataset: dict, model: dict, **optim) -> dict:
         "optim": base_optim | optim,
         "model": model,
     }
+
+
+@pytest.fixture(scope="session")
+def qm9_dataset(tmp_path_factory) -> Path:
+    """A 24-conformer QM9-style GFN2-xTB dataset (``fairchem-equiformers-data qm9``), seed 0."""
+    from fairchem_equiformers.data.qm9 import build_qm9_dataset
+
+    out = tmp_path_factory.mktemp("qm9") / "qm9"
+    build_qm9_dataset(out, num_conformers=24, seed=0)
+    return out

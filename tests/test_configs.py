@@ -182,10 +182,19 @@ def build_trainer(config: dict, workdir: Path, name: str):
             distutils.cleanup()
 
 
-def tiny_config(path: Path, database: Path, workdir: Path) -> dict:
-    """The shipped config with only its datasets replaced and batches of one structure (no workers)."""
+def qm9_datasets(shipped: dict, qm9_dataset: Path) -> dict:
+    """The shipped QM9 dataset section (``data/qm9/...``) pointed at the tiny generated set."""
+    return yaml.safe_load(yaml.safe_dump(shipped).replace("data/qm9", str(qm9_dataset)))
+
+
+def tiny_config(path: Path, database: Path, workdir: Path, qm9_dataset: Path | None = None) -> dict:
+    """The shipped config with only its datasets replaced and batches of one structure (no workers):
+    the tiny EMT data, or for QM9 property configs the tiny QM9-style set."""
     config = load_shipped(path)
-    config["dataset"] = tiny_datasets(config["dataset"], config["outputs"], database, workdir)
+    if qm9_dataset is not None:
+        config["dataset"] = qm9_datasets(config["dataset"], qm9_dataset)
+    else:
+        config["dataset"] = tiny_datasets(config["dataset"], config["outputs"], database, workdir)
     config["optim"] |= {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0}
     return config
 
@@ -258,8 +267,9 @@ def test_config_is_self_contained_and_uses_current_keys(path):
 
 # ~1 minute for the whole file on 2 idle cores (the three >100M models ~13 s each), so not marked slow.
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
-def test_config_builds_the_released_model_and_trains_one_step(path, emt_database, tmp_path):
-    config = tiny_config(path, emt_database, tmp_path)
+def test_config_builds_the_released_model_and_trains_one_step(path, emt_database, tmp_path, request):
+    qm9 = request.getfixturevalue("qm9_dataset") if path.parent.name == "qm9" else None
+    config = tiny_config(path, emt_database, tmp_path, qm9)
     with build_trainer(config, tmp_path, path.stem) as trainer:
         assert isinstance(trainer, ForcesTrainer)
         model = trainer._unwrapped_model
@@ -271,11 +281,11 @@ def test_config_builds_the_released_model_and_trains_one_step(path, emt_database
         # the shipped normalisation and references are in place
         transforms = config["dataset"]["train"].get("transforms", {})
         for target, settings in transforms.get("normalizer", {}).items():
-            if target != "fit":
+            if target not in ("fit", "file"):  # explicit values (a file's are the tiny set's own)
                 rmsd = settings.get("rmsd", settings.get("stdev"))
                 assert trainer.normalizers[target].mean.item() == pytest.approx(settings.get("mean", 0.0))
                 assert trainer.normalizers[target].rmsd.item() == pytest.approx(rmsd)
-        expected_references = set(transforms.get("element_references", {})) - {"fit"}
+        expected_references = set(transforms.get("element_references", {})) - {"fit", "file"}
         assert expected_references <= set(trainer.elementrefs)
         assert len(trainer.loss_functions) == len(config["loss_functions"])
 

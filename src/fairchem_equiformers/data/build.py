@@ -17,7 +17,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ class BuildReport:
     files: dict[str, Path]
     dropped_frames: int = 0
     is2re_excluded: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of the costly stages
 
 
 def check_choices(given: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:

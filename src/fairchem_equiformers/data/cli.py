@@ -3,8 +3,9 @@
     fairchem-equiformers-data emt --out data/emt [--seed 0] [--num-systems 200] [--workers 2]
     fairchem-equiformers-data convert --input my.extxyz --out data/mine [--val-fraction 0.1]
     fairchem-equiformers-data md17 --molecule aspirin --out data/md17/aspirin [--num-frames 2000]
+    fairchem-equiformers-data qm9 --out data/qm9 [--conformers 3000] [--rattle 0.05]
 
-Both print where each output went and the number of entries per split. Problems with the input or
+All print where each output went and the number of entries per split. Problems with the input or
 the output folder are reported as one ``error:`` line (exit status 1), without a traceback.
 """
 
@@ -27,6 +28,7 @@ from .build import (
 )
 from .errors import DataBuildError
 from .molecules import MD17_MOLECULES, build_md17_dataset
+from .qm9 import DEFAULT_CONFORMERS, DEFAULT_RATTLE, build_qm9_dataset
 from .slabs import METALS
 
 
@@ -54,7 +56,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with the ``emt`` and ``convert`` subcommands."""
+    """The argument parser with the ``emt``, ``convert``, ``md17`` and ``qm9`` subcommands."""
     parser = argparse.ArgumentParser(
         prog="fairchem-equiformers-data",
         description="Write OC20-style LMDB datasets, fitted normalizers and linear references for fairchem.",
@@ -94,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     md17.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is a dataset written by this tool"
     )
+
+    qm9 = commands.add_parser(
+        "qm9", help="QM9-style properties (GFN2-xTB, tblite) of perturbed small C/H/N/O/F molecules"
+    )
+    _add_common(qm9)
+    qm9.add_argument("--conformers", type=int, default=DEFAULT_CONFORMERS, help="conformers to label")
+    qm9.add_argument(
+        "--rattle", type=float, default=DEFAULT_RATTLE, help="Gaussian displacement per coordinate (A)"
+    )
     return parser
 
 
@@ -109,6 +120,16 @@ def run(args: argparse.Namespace) -> BuildReport:
             seed=args.seed,
             temperature=args.temperature,
             stride=args.stride,
+            overwrite=args.overwrite,
+        )
+    if args.command == "qm9":
+        return build_qm9_dataset(
+            args.out,
+            num_conformers=args.conformers,
+            seed=args.seed,
+            rattle=args.rattle,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
             overwrite=args.overwrite,
         )
     common = {
@@ -137,13 +158,15 @@ def print_report(report: BuildReport, max_force: float | None) -> None:
     """Print the entries per split and where each output went."""
     print(f"dataset written to {report.out}")
     for name, count in report.counts.items():
-        unit = "systems" if name.startswith("is2re") else "frames"
+        unit = {"is2re": "systems", "properties": "conformers"}.get(name.split("/")[0], "frames")
         print(f"  {name:<12} {count:>7} {unit:<8} {report.out / name}")
     if max_force is not None:
         print(f"  dropped {report.dropped_frames} frame(s) with a force above {max_force} eV/A")
         print(f"  {report.is2re_excluded} system(s) not in is2re (relaxation unconverged or start dropped)")
     for name, path in report.files.items():
         print(f"  {name:<19} {path}")
+    for stage, seconds in report.seconds.items():
+        print(f"  {stage} took {seconds:.1f} s")
     if "normalizers" not in report.files:
         print("  no train split: no element_references.pt/normalizers.pt (use the training dataset's)")
 

@@ -18,6 +18,10 @@ scalars only (see ``EdgeDegreeEmbedding``); the ``gaussian`` radial basis is the
 target, key and value from the message). Gradient forces use the edge vectors built from the
 positions (``direct_forces=False``); ``direct_forces=True`` adds an attention head with one
 vector output per atom, as the reference's OC20 auxiliary (IS2RS) head.
+
+QM9-style properties (``heads.py``): ``target`` names the predicted property, the key of the
+output dict that the trainer matches to the dataset field of that name; ``head="scalar"`` predicts
+it as the (energy-like) sum of atomic scalars, ``head="dipole"`` predicts a dipole moment.
 """
 
 from __future__ import annotations
@@ -41,13 +45,13 @@ from fairchem_equiformers.primitives import (
 from fairchem_equiformers.primitives.irreps import (
     IrrepsLayerNorm,
     e3nn_eager,
-    gate_activation,
     is_even_scalar,
     restore_exact_wigner_3j,
 )
 
 from .attention import ATTENTION_TYPES, EdgeFeatures, EquivariantGraphAttention
 from .blocks import EdgeDegreeEmbedding, TransformerBlock
+from .heads import HEADS, DipoleHead, scalar_head
 
 # Statistics of QM9 with a 5 A cutoff, which the reference also uses for MD17.
 QM9_AVG_NUM_NODES = 18.03065905448718
@@ -83,7 +87,9 @@ class EquiformerV1(nn.Module, GraphModelMixin):
     """Equiformer energy model with gradient (``direct_forces=False``) or direct forces.
 
     The defaults are the paper's MD17 L2 model (``graph_attention_transformer_nonlinear_exp_l2_md17``).
-    ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces with ``regress_forces``).
+    ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces with ``regress_forces``)
+    with the default head; ``{target: [B]}`` with ``head="scalar"`` and another ``target``; and
+    ``{target: |mu| [B], target + "_vector": mu [B, 3]}`` (Debye) with ``head="dipole"``.
 
     Args:
         use_pbc: periodic graphs (fairchem's neighbour search) or molecules (this package's own
@@ -102,6 +108,12 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         alpha_drop / drop_path_rate: dropout of attention weights; graph drop-path per block.
         avg_num_nodes / avg_degree: the energy sum and the edge-degree sum are divided by their
             square roots.
+        head: ``scalar`` (energy-like sum of atomic scalars; any invariant property) or
+            ``dipole`` (``sum_i q_i (r_i - centroid) + mu_i`` with neutral charges; molecules only,
+            no forces). See ``heads.py``.
+        target: name of the predicted property: the output key, which the config's ``outputs``,
+            ``loss_functions`` and dataset field use (e.g. ``gap``, ``dipole_moment``). Forces
+            (``regress_forces``) are ``-d energy / d pos`` and need ``target="energy"``.
     """
 
     @e3nn_eager()
@@ -127,6 +139,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         drop_path_rate: float = 0.0,
         avg_num_nodes: float = QM9_AVG_NUM_NODES,
         avg_degree: float = QM9_AVG_DEGREE,
+        head: str = "scalar",
+        target: str = "energy",
     ) -> None:
         super().__init__()
         irreps_node = _irreps("irreps_node_embedding", irreps_node_embedding)
@@ -139,6 +153,17 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             raise ValueError(f"num_layers={num_layers} and num_heads={num_heads} must be at least 1")
         if direct_forces and not regress_forces:
             raise ValueError("direct_forces=True needs regress_forces=True")
+        if head not in HEADS:
+            raise ValueError(f"head={head!r} is not one of {HEADS}")
+        if not isinstance(target, str) or not target.isidentifier():
+            raise ValueError(f"target={target!r} must be a property name such as 'energy' or 'gap'")
+        if regress_forces and (head, target) != ("scalar", "energy"):
+            raise ValueError(
+                f"regress_forces=True gives forces as -d energy / d pos: it needs head='scalar' and "
+                f"target='energy', got head={head!r}, target={target!r} (set regress_forces: False)"
+            )
+        if head == "dipole" and use_pbc:
+            raise ValueError("head='dipole' needs use_pbc=False: a periodic structure has no defined dipole")
 
         # attributes GraphModelMixin.generate_graph reads
         self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, False, True
@@ -146,6 +171,7 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         self.regress_forces, self.direct_forces = regress_forces, direct_forces
         self.max_num_elements = max_num_elements
         self.avg_num_nodes = avg_num_nodes
+        self.head, self.target = head, target
         self.irreps_sh = o3.Irreps([(1, (l, 1)) for l in range(irreps_node.lmax + 1)])  # SE(3): all even
 
         radial_channels = [num_radial_basis, *radial_hidden_channels]
@@ -172,12 +198,10 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             for i in range(num_layers)
         )
         self.norm = IrrepsLayerNorm(irreps_feature)
-        scalars = o3.Irreps(f"{irreps_feature.count('0e')}x0e")
-        self.energy_head = nn.Sequential(
-            o3.Linear(irreps_feature, scalars, biases=True),
-            gate_activation(scalars),
-            o3.Linear(scalars, "1x0e", biases=True),
-        )
+        if head == "dipole":
+            self.dipole_head = DipoleHead(irreps_feature, attention(irreps_feature, o3.Irreps("1x1e")))
+        else:
+            self.energy_head = scalar_head(irreps_feature)
         self.force_head = attention(irreps_feature, o3.Irreps("1x1e")) if direct_forces else None
 
     def _edges(self, data, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +231,15 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             pos = data.pos
             if gradient_forces and not pos.requires_grad:
                 pos = pos.detach().requires_grad_(True)
-            energy, node_features, edges = self._energy(data, atomic_numbers, pos)
-            outputs = {"energy": energy}
+            node_features, edges = self._features(data, atomic_numbers, pos)
+            num_graphs = len(natoms)
+            if self.head == "dipole":
+                dipole = self.dipole_head(node_features, edges, pos, data.batch, num_graphs)  # [B, 3]
+                return {self.target: torch.linalg.vector_norm(dipole, dim=1), f"{self.target}_vector": dipole}
+            node_energy = self.energy_head(node_features)[:, 0]  # [N]
+            energy = node_energy.new_zeros(num_graphs).index_add_(0, data.batch, node_energy)
+            energy = energy / math.sqrt(self.avg_num_nodes)  # [B]
+            outputs = {self.target: energy}
             if gradient_forces:
                 (gradient,) = torch.autograd.grad(energy.sum(), pos, create_graph=self.training)
                 outputs["forces"] = -gradient  # [N, 3]
@@ -216,11 +247,11 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             outputs["forces"] = self.force_head(node_features, edges)  # [N, 3] (1x1e: x, y, z)
         return outputs
 
-    def _energy(
+    def _features(
         self, data, atomic_numbers: torch.Tensor, pos: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, EdgeFeatures]:
-        """Energy ``[B]``, final node features ``[N, irreps_feature.dim]`` and the edges."""
-        num_graphs, num_nodes, batch = len(data.natoms), len(atomic_numbers), data.batch
+    ) -> tuple[torch.Tensor, EdgeFeatures]:
+        """Final (normed) node features ``[N, irreps_feature.dim]`` and the edges."""
+        num_nodes = len(atomic_numbers)
         edge_index, edge_vec = self._edges(data, pos)  # [2, E], [E, 3]
         edges = EdgeFeatures(
             source=edge_index[0],
@@ -235,10 +266,7 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             [x[:, :scalars] + self.atom_embedding(atomic_numbers).to(x.dtype), x[:, scalars:]], dim=1
         )
         x = self._interact(x, edges, data)  # [N, D_feature]
-        x = self.norm(x)
-        node_energy = self.energy_head(x)[:, 0]  # [N]
-        energy = node_energy.new_zeros(num_graphs).index_add_(0, batch, node_energy)
-        return energy / math.sqrt(self.avg_num_nodes), x, edges
+        return self.norm(x), edges
 
     def _interact(self, x: torch.Tensor, edges: EdgeFeatures, data) -> torch.Tensor:
         """The transformer blocks, ``[N, D_node] -> [N, D_feature]`` (``DEQEquiformerV1`` replaces
