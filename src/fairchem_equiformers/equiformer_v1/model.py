@@ -17,7 +17,9 @@ scalars only (see ``EdgeDegreeEmbedding``); the ``gaussian`` radial basis is the
 ``dot_product`` variant is this package's reading of the paper's ablation (query from the
 target, key and value from the message). Gradient forces use the edge vectors built from the
 positions (``direct_forces=False``); ``direct_forces=True`` adds an attention head with one
-vector output per atom, as the reference's OC20 auxiliary (IS2RS) head.
+vector output per atom. ``regress_displacement=True`` adds the same kind of head for the OC20
+IS2RE auxiliary task (IS2RS, Noisy Nodes): the displacement from the input to the relaxed
+positions (``fairchem_equiformers.NoisyNodesLmdbDataset`` provides the target).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
     """Equiformer energy model with gradient (``direct_forces=False``) or direct forces.
 
     The defaults are the paper's MD17 L2 model (``graph_attention_transformer_nonlinear_exp_l2_md17``).
-    ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces with ``regress_forces``).
+    ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces with ``regress_forces``)
+    and ``"displacement": [N, 3]`` with ``regress_displacement``.
 
     Args:
         use_pbc: periodic graphs (fairchem's neighbour search) or molecules (this package's own
@@ -95,7 +98,11 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         irreps_head / num_heads: features of one attention head; its even scalars are the
             attention logits' channels.
         irreps_mlp_mid: hidden features of the gate FFN.
-        irreps_feature: output of the last block, read by the energy head.
+        irreps_feature: output of the last block, read by the energy head (and by the vector
+            heads; the reference's OC20 auxiliary-task models give it vectors, ``512x0e+256x1e``).
+        regress_displacement: also predict a per-atom vector, the displacement to the relaxed
+            structure (IS2RE with the IS2RS auxiliary task), with an attention head on the final
+            features like the direct-force head (the reference's ``auxiliary_head``).
         attention_type: ``mlp_nonlinear`` (paper default), ``mlp_linear`` or ``dot_product``.
         radial_basis / num_radial_basis / radial_hidden_channels: distance expansion (``exp``,
             ``bessel``, ``gaussian``) and the hidden widths of every radial MLP.
@@ -110,6 +117,7 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         use_pbc: bool = False,
         regress_forces: bool = True,
         direct_forces: bool = False,
+        regress_displacement: bool = False,
         max_neighbors: int = 1000,
         max_radius: float = 5.0,
         max_num_elements: int = 90,
@@ -179,6 +187,9 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             o3.Linear(scalars, "1x0e", biases=True),
         )
         self.force_head = attention(irreps_feature, o3.Irreps("1x1e")) if direct_forces else None
+        self.displacement_head = (
+            attention(irreps_feature, o3.Irreps("1x1e")) if regress_displacement else None
+        )
 
     def _edges(self, data, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge index ``[2, E]`` (source, target) and vectors source - target ``[E, 3]``, computed
@@ -214,6 +225,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
                 outputs["forces"] = -gradient  # [N, 3]
         if self.direct_forces:
             outputs["forces"] = self.force_head(node_features, edges)  # [N, 3] (1x1e: x, y, z)
+        if self.displacement_head is not None:
+            outputs["displacement"] = self.displacement_head(node_features, edges)  # [N, 3]
         return outputs
 
     def _energy(
