@@ -285,9 +285,12 @@ def test_stock_cli_trains_and_validates_energy_and_displacement(emt_is2re_datase
 @pytest.mark.slow
 def test_report_is2re_energy_with_and_without_the_auxiliary_task(tmp_path):
     """IS2RE energy MAE on held-out EMT relaxations, the same small model and schedule trained
-    with and without the IS2RS auxiliary task + Noisy Nodes, against predicting the train mean."""
+    with and without the IS2RS auxiliary task + Noisy Nodes, against predicting the train mean.
+    Measured (final epoch): 0.129 eV with, 0.133 eV without, 0.169 eV for the mean (README)."""
     root = tmp_path / "emt"
-    build_emt_dataset(root, seed=1, num_systems=60, val_fraction=0.25, test_fraction=0.0, workers=1, progress=False)
+    # two metals and three adsorbates, so that 40 relaxations cover the combinations several times
+    build_emt_dataset(root, seed=1, num_systems=40, metals=("Cu", "Pt"), adsorbates=("O", "H", "CO"),
+                      val_fraction=0.25, test_fraction=0.0, workers=1, progress=False)  # fmt: skip
     energies = {split: [d.energy for d in LmdbDataset({"src": str(root / "is2re" / split), "key_mapping": KEY_MAPPING})]
                 for split in ("train", "val")}  # fmt: skip
     mean_baseline = float(np.mean(np.abs(np.array(energies["val"]) - np.mean(energies["train"]))))
