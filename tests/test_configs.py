@@ -155,8 +155,12 @@ def tiny_datasets(
     read a copy of the EMT IS2RE splits under ``is2re`` instead (relaxed positions are needed)."""
     if shipped.get("train", {}).get("format") == NOISY_NODES:
         shutil.copytree(is2re / "is2re", workdir / "is2re")  # a private copy: LMDBs open once per process
-        datasets = {split: shipped[split] | {"src": str(workdir / "is2re" / split)} for split in ("train", "val")}
-        datasets["train"]["transforms"] = tiny_transforms(shipped["train"]["transforms"], outputs, database, workdir)
+        datasets = {
+            split: shipped[split] | {"src": str(workdir / "is2re" / split)} for split in ("train", "val")
+        }
+        datasets["train"]["transforms"] = tiny_transforms(
+            shipped["train"]["transforms"], outputs, database, workdir
+        )
         return datasets
     tiny = {
         "format": "ase_db",

@@ -123,13 +123,13 @@ def test_half_of_the_structures_are_perturbed():
     rng = np.random.default_rng(1)
     pos, free = torch.zeros(4, 3), torch.ones(4, dtype=torch.bool)
     relaxed, cell = torch.ones(4, 3), 10 * torch.eye(3)
-    moved = [not torch.equal(noisy_nodes_positions(pos, relaxed, cell, free, rng)[0], pos) for _ in range(1000)]
+    moved = [
+        not torch.equal(noisy_nodes_positions(pos, relaxed, cell, free, rng)[0], pos) for _ in range(1000)
+    ]
     assert np.mean(moved) == pytest.approx(0.5, abs=0.05)  # 3 sigma = 0.047
 
 
-def test_dataset_is_clean_until_an_epoch_is_set_then_seeded_per_sample_and_epoch(
-    emt_is2re_dataset, tmp_path
-):
+def test_dataset_is_clean_until_an_epoch_is_set_then_seeded_per_sample_and_epoch(emt_is2re_dataset, tmp_path):
     clean = list(LmdbDataset({"src": str(is2re_copy(emt_is2re_dataset, tmp_path / "clean") / "is2re/train"),
                               "key_mapping": KEY_MAPPING}))  # fmt: skip
     dataset = noisy_nodes(emt_is2re_dataset)
@@ -143,7 +143,9 @@ def test_dataset_is_clean_until_an_epoch_is_set_then_seeded_per_sample_and_epoch
         for sample, record in zip(samples(dataset, epoch), clean):
             fixed = record.fixed.bool()
             assert torch.equal(sample.pos[fixed], record.pos[fixed])
-            torch.testing.assert_close(sample.displacement, relaxed_minus(record, sample.pos), atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                sample.displacement, relaxed_minus(record, sample.pos), atol=1e-5, rtol=0
+            )
             perturbed.append(not torch.equal(sample.pos, record.pos))
     assert np.mean(perturbed) == pytest.approx(0.5, abs=0.1)  # 240 samples: 3 sigma = 0.097
 
@@ -156,7 +158,9 @@ def test_dataset_is_clean_until_an_epoch_is_set_then_seeded_per_sample_and_epoch
     assert not same(first, samples(noisy_nodes(is2re_copy(emt_is2re_dataset, tmp_path / "b"), seed=1), 3))
     # the same draws whatever the number of data-loader workers (set_epoch before the workers start)
     dataset.set_epoch(3)
-    in_workers = [s for batch in DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list) for s in batch]
+    in_workers = [
+        s for batch in DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list) for s in batch
+    ]
     assert same(first, in_workers)
 
 
@@ -185,7 +189,12 @@ def test_records_without_relaxed_positions_are_a_clear_error(emt_is2re_dataset):
 
 @pytest.mark.parametrize("periodic", [False, True])
 def test_displacement_head_is_rotation_equivariant_float64(periodic):
-    config = {**TINY_V1, "regress_forces": False, "regress_displacement": True, "irreps_feature": "32x0e+8x1e"}
+    config = {
+        **TINY_V1,
+        "regress_forces": False,
+        "regress_displacement": True,
+        "irreps_feature": "32x0e+8x1e",
+    }
     if periodic:
         config |= {"use_pbc": True, "max_num_elements": 90, "max_neighbors": 30}
         batch = to_batch([slab_with_adsorbate("Cu", "111", "O", seed=0)], torch.float64)
@@ -246,10 +255,18 @@ def test_displacement_head_learns_better_than_predicting_zero(emt_is2re_dataset)
 def test_trainer_hands_the_epoch_to_the_train_split_only_and_decays_the_auxiliary_weight(
     emt_is2re_dataset, tmp_path
 ):
-    config = shipped_config(is2re_copy(emt_is2re_dataset, tmp_path / "data"), SMALL_V1, batch_size=2, eval_batch_size=2, max_epochs=4)
+    config = shipped_config(
+        is2re_copy(emt_is2re_dataset, tmp_path / "data"),
+        SMALL_V1,
+        batch_size=2,
+        eval_batch_size=2,
+        max_epochs=4,
+    )
     with build_trainer(config, tmp_path, "trainer") as trainer:
         train, val = trainer.train_dataset.dataset, trainer.val_dataset.dataset
-        assert isinstance(trainer.train_sampler, DatasetEpochSampler) and isinstance(val, NoisyNodesLmdbDataset)
+        assert isinstance(trainer.train_sampler, DatasetEpochSampler) and isinstance(
+            val, NoisyNodesLmdbDataset
+        )
         assert train.epoch is None and val.epoch is None
         trainer.train_sampler.set_epoch_and_start_iteration(3, 0)
         assert train.epoch == 3 and val.epoch is None  # validation keeps the clean initial positions
@@ -265,16 +282,22 @@ def test_trainer_hands_the_epoch_to_the_train_split_only_and_decays_the_auxiliar
 
 
 def test_stock_cli_trains_and_validates_energy_and_displacement(emt_is2re_dataset, tmp_path):
-    config = shipped_config(emt_is2re_dataset, SMALL_V1, batch_size=2, eval_batch_size=2, max_epochs=2, eval_every=3)
+    config = shipped_config(
+        emt_is2re_dataset, SMALL_V1, batch_size=2, eval_batch_size=2, max_epochs=2, eval_every=3
+    )
     log = run_fairchem(config, tmp_path, "--mode", "train", "--identifier", "nn", "--print-every", "1")
     assert re.search(r"Loaded EquiformerV1 with \d+ parameters", log)
     assert "Normalization values for output displacement: mean=0.0, rmsd=0.8771552443504333." in log
     number = r"([0-9.]+(?:e[+-][0-9]+)?)"
     training = re.findall(rf"displacement_mae: {number}, energy_mae: {number}, .*loss: {number}, lr:", log)
     # validation lines print fixed-point numbers and no learning rate
-    validation = re.findall(r"displacement_mae: ([0-9.]+), energy_mae: ([0-9.]+), .*loss: ([0-9.]+), epoch", log)
+    validation = re.findall(
+        r"displacement_mae: ([0-9.]+), energy_mae: ([0-9.]+), .*loss: ([0-9.]+), epoch", log
+    )
     assert len(training) == 6 and len(validation) == 2
-    assert all(np.isfinite(float(value)) and float(value) > 0 for row in training + validation for value in row)
+    assert all(
+        np.isfinite(float(value)) and float(value) > 0 for row in training + validation for value in row
+    )
     assert list(tmp_path.glob("checkpoints/*/best_checkpoint.pt"))
 
 
@@ -289,13 +312,24 @@ def test_report_is2re_energy_with_and_without_the_auxiliary_task(tmp_path):
     Measured (final epoch): 0.129 eV with, 0.133 eV without, 0.169 eV for the mean (README)."""
     root = tmp_path / "emt"
     # two metals and three adsorbates, so that 40 relaxations cover the combinations several times
-    build_emt_dataset(root, seed=1, num_systems=40, metals=("Cu", "Pt"), adsorbates=("O", "H", "CO"),
-                      val_fraction=0.25, test_fraction=0.0, workers=1, progress=False)  # fmt: skip
-    energies = {split: [d.energy for d in LmdbDataset({"src": str(root / "is2re" / split), "key_mapping": KEY_MAPPING})]
-                for split in ("train", "val")}  # fmt: skip
+    build_emt_dataset(
+        root, seed=1, num_systems=40, metals=("Cu", "Pt"), adsorbates=("O", "H", "CO"),
+        val_fraction=0.25, test_fraction=0.0, workers=1, progress=False,
+    )  # fmt: skip
+    energies = {}
+    for split in ("train", "val"):
+        records = LmdbDataset({"src": str(root / "is2re" / split), "key_mapping": KEY_MAPPING})
+        energies[split] = [record.energy for record in records]
+        del records  # closes the LMDB before the CLI runs read it
     mean_baseline = float(np.mean(np.abs(np.array(energies["val"]) - np.mean(energies["train"]))))
     batches = -(-len(energies["train"]) // 4)  # per epoch, batch 4
-    optim = {"batch_size": 4, "eval_batch_size": 8, "max_epochs": 25, "eval_every": 5 * batches, "lr_initial": 2e-3}
+    optim = {
+        "batch_size": 4,
+        "eval_batch_size": 8,
+        "max_epochs": 25,
+        "eval_every": 5 * batches,
+        "lr_initial": 2e-3,
+    }
     with_aux = shipped_config(root, SMALL_V1, **optim)
     statistics = {"mean": float(np.mean(energies["train"])), "rmsd": float(np.std(energies["train"]))}
     with_aux["dataset"]["train"]["transforms"]["normalizer"]["energy"] = statistics  # EMT, not OC20
@@ -311,11 +345,15 @@ def test_report_is2re_energy_with_and_without_the_auxiliary_task(tmp_path):
     for name, config in (("with", with_aux), ("without", without_aux)):
         log = run_fairchem(config, tmp_path / name, "--mode", "train", "--identifier", name)
         # validation lines (every 5 epochs) print fixed-point numbers and no learning rate
-        validation = re.findall(r"energy_mae: ([0-9.]+), energy_within_threshold: [0-9.]+, loss: [0-9.]+, epoch", log)
+        validation = re.findall(
+            r"energy_mae: ([0-9.]+), energy_within_threshold: [0-9.]+, loss: [0-9.]+, epoch", log
+        )
         assert len(validation) == 5
         results[name] = [float(value) for value in validation]
-    print(f"\nIS2RE energy MAE (eV) on {len(energies['val'])} val relaxations, trained on {len(energies['train'])},"
-          f" every 5 epochs: with auxiliary task + Noisy Nodes {results['with']}, without {results['without']},"
-          f" predicting the train mean {mean_baseline:.3f}")  # fmt: skip
+    sizes = f"{len(energies['val'])} val relaxations, trained on {len(energies['train'])}"
+    print(
+        f"\nIS2RE energy MAE (eV) on {sizes}, every 5 epochs: with auxiliary task + Noisy Nodes "
+        f"{results['with']}, without {results['without']}, predicting the train mean {mean_baseline:.3f}"
+    )
     results = {name: values[-1] for name, values in results.items()}
     assert results["with"] < mean_baseline and results["without"] < mean_baseline
