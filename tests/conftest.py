@@ -151,3 +151,14 @@ def qm9_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qm9") / "qm9"
     build_qm9_dataset(out, num_conformers=24, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def emt_is2re_dataset(tmp_path_factory) -> Path:
+    """The plugin's EMT dataset for eight systems (~20 s): ``is2re/{train,val,test}`` hold 6/1/1
+    relaxations (``pos``, ``pos_relaxed``, ``fixed``, ``tags``, ``y_relaxed``)."""
+    from fairchem_equiformers.data import build_emt_dataset
+
+    out = tmp_path_factory.mktemp("emt_is2re") / "emt"
+    build_emt_dataset(out, seed=0, num_systems=8, workers=1, progress=False)
+    return out

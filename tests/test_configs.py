@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yml"))
 CONFIG_IDS = [str(path.relative_to(CONFIG_DIR)) for path in CONFIGS]
 RELAX_CONFIGS = [path for path in CONFIGS if "relax" in yaml.safe_load(path.read_text())["dataset"]]
+NOISY_NODES = "fairchem_equiformers.NoisyNodesLmdbDataset"  # trains on IS2RE records (relaxed positions)
 
 # Parameter counts of the released checkpoints (README), by shipped config.
 RELEASED_PARAMETERS = {
@@ -145,9 +147,21 @@ def tiny_transforms(shipped: dict, outputs: dict, database: Path, workdir: Path)
     return transforms
 
 
-def tiny_datasets(shipped: dict, outputs: dict, database: Path, workdir: Path) -> dict:
+def tiny_datasets(
+    shipped: dict, outputs: dict, database: Path, workdir: Path, is2re: Path | None = None
+) -> dict:
     """The shipped dataset section with every split replaced by the tiny ASE database; the train split
-    keeps its transforms (see tiny_transforms)."""
+    keeps its transforms (see tiny_transforms). Noisy Nodes configs keep their dataset settings and
+    read a copy of the EMT IS2RE splits under ``is2re`` instead (relaxed positions are needed)."""
+    if shipped.get("train", {}).get("format") == NOISY_NODES:
+        shutil.copytree(is2re / "is2re", workdir / "is2re")  # a private copy: LMDBs open once per process
+        datasets = {
+            split: shipped[split] | {"src": str(workdir / "is2re" / split)} for split in ("train", "val")
+        }
+        datasets["train"]["transforms"] = tiny_transforms(
+            shipped["train"]["transforms"], outputs, database, workdir
+        )
+        return datasets
     tiny = {
         "format": "ase_db",
         "src": str(database),
@@ -187,14 +201,16 @@ def qm9_datasets(shipped: dict, qm9_dataset: Path) -> dict:
     return yaml.safe_load(yaml.safe_dump(shipped).replace("data/qm9", str(qm9_dataset)))
 
 
-def tiny_config(path: Path, database: Path, workdir: Path, qm9_dataset: Path | None = None) -> dict:
+def tiny_config(
+    path: Path, database: Path, workdir: Path, is2re: Path | None = None, qm9_dataset: Path | None = None
+) -> dict:
     """The shipped config with only its datasets replaced and batches of one structure (no workers):
     the tiny EMT data, or for QM9 property configs the tiny QM9-style set."""
     config = load_shipped(path)
     if qm9_dataset is not None:
         config["dataset"] = qm9_datasets(config["dataset"], qm9_dataset)
     else:
-        config["dataset"] = tiny_datasets(config["dataset"], config["outputs"], database, workdir)
+        config["dataset"] = tiny_datasets(config["dataset"], config["outputs"], database, workdir, is2re)
     config["optim"] |= {"batch_size": 1, "eval_batch_size": 1, "num_workers": 0}
     return config
 
@@ -269,7 +285,9 @@ def test_config_is_self_contained_and_uses_current_keys(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=CONFIG_IDS)
 def test_config_builds_the_released_model_and_trains_one_step(path, emt_database, tmp_path, request):
     qm9 = request.getfixturevalue("qm9_dataset") if path.parent.name == "qm9" else None
-    config = tiny_config(path, emt_database, tmp_path, qm9)
+    noisy_nodes = yaml.safe_load(path.read_text())["dataset"]["train"].get("format") == NOISY_NODES
+    is2re = request.getfixturevalue("emt_is2re_dataset") if noisy_nodes else None  # built only if needed
+    config = tiny_config(path, emt_database, tmp_path, is2re, qm9)
     with build_trainer(config, tmp_path, path.stem) as trainer:
         assert isinstance(trainer, ForcesTrainer)
         model = trainer._unwrapped_model

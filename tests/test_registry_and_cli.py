@@ -71,12 +71,15 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
     import fairchem_equiformers
 
     models = sorted(
-        f"fairchem_equiformers.{name}" for name in fairchem_equiformers.__all__ if name != "ForcesTrainer"
+        f"fairchem_equiformers.{name}"
+        for name in fairchem_equiformers.__all__
+        if name not in ("ForcesTrainer", "NoisyNodesLmdbDataset")
     )
     for name in ("EquiformerV1", "EquiformerV2", "E2Former", "DEQEquiformerV1", "DEQEquiformerV2"):
         assert f"fairchem_equiformers.{name}" in models
     assert new["model_name_mapping"] == models
     assert new["trainer_name_mapping"] == ["fairchem_equiformers.ForcesTrainer"]
+    assert new["dataset_name_mapping"] == ["fairchem_equiformers.NoisyNodesLmdbDataset"]
     assert not set(new["model_name_mapping"]) & BUILTIN_MODELS
     assert not set(new.get("trainer_name_mapping", [])) & BUILTIN_TRAINERS
 
@@ -86,9 +89,10 @@ def test_top_level_exports():
 
     import fairchem_equiformers
 
+    kinds = {"ForcesTrainer": registry.get_trainer_class, "NoisyNodesLmdbDataset": registry.get_dataset_class}
     for name in fairchem_equiformers.__all__:
         cls = getattr(fairchem_equiformers, name)
-        kind = registry.get_trainer_class if name == "ForcesTrainer" else registry.get_model_class
+        kind = kinds.get(name, registry.get_model_class)
         assert kind(f"fairchem_equiformers.{name}") is cls
 
 

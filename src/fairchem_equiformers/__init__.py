@@ -1,15 +1,16 @@
 """fairchem-equiformers: the Equiformer family of interatomic potentials as a FairChem plugin.
 
-Importing the package registers its models and trainer with fairchem's registry under their full class
-paths (e.g. ``fairchem_equiformers.EquiformerV2``), so the same name works in a config for the
-stock ``fairchem`` CLI (which imports the package on demand) and in Python after import.
+Importing the package registers its models, trainer and dataset with fairchem's registry under
+their full class paths (e.g. ``fairchem_equiformers.EquiformerV2``), so the same name works in a
+config for the stock ``fairchem`` CLI (which imports the package on demand) and in Python after
+import.
 """
 
 from .deq import DEQEquiformerV1, DEQEquiformerV2
 from .e2former import E2Former
 from .equiformer_v1 import EquiformerV1
 from .equiformer_v2 import EquiformerV2
-from .training import ForcesTrainer
+from .training import ForcesTrainer, NoisyNodesLmdbDataset
 
 __all__ = [
     "DEQEquiformerV1",
@@ -18,5 +19,6 @@ __all__ = [
     "EquiformerV1",
     "EquiformerV2",
     "ForcesTrainer",
+    "NoisyNodesLmdbDataset",
 ]
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ scalars only (see ``EdgeDegreeEmbedding``); the ``gaussian`` radial basis is the
 ``dot_product`` variant is this package's reading of the paper's ablation (query from the
 target, key and value from the message). Gradient forces use the edge vectors built from the
 positions (``direct_forces=False``); ``direct_forces=True`` adds an attention head with one
-vector output per atom, as the reference's OC20 auxiliary (IS2RS) head.
+vector output per atom. ``regress_displacement=True`` adds the same kind of head for the OC20
+IS2RE auxiliary task (IS2RS, Noisy Nodes): the displacement from the input to the relaxed
+positions (``fairchem_equiformers.NoisyNodesLmdbDataset`` provides the target).
 
 QM9-style properties (``heads.py``): ``target`` names the predicted property, the key of the
 output dict that the trainer matches to the dataset field of that name; ``head="scalar"`` predicts
@@ -88,7 +90,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
 
     The defaults are the paper's MD17 L2 model (``graph_attention_transformer_nonlinear_exp_l2_md17``).
     ``forward(data)`` returns ``{"energy": [B], "forces": [N, 3]}`` (forces with ``regress_forces``)
-    with the default head; ``{target: [B]}`` with ``head="scalar"`` and another ``target``; and
+    with the default head, plus ``"displacement": [N, 3]`` with ``regress_displacement``;
+    ``{target: [B]}`` with ``head="scalar"`` and another ``target``; and
     ``{target: |mu| [B], target + "_vector": mu [B, 3]}`` (Debye) with ``head="dipole"``.
 
     Args:
@@ -101,7 +104,11 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         irreps_head / num_heads: features of one attention head; its even scalars are the
             attention logits' channels.
         irreps_mlp_mid: hidden features of the gate FFN.
-        irreps_feature: output of the last block, read by the energy head.
+        irreps_feature: output of the last block, read by the energy head (and by the vector
+            heads; the reference's OC20 auxiliary-task models give it vectors, ``512x0e+256x1e``).
+        regress_displacement: also predict a per-atom vector, the displacement to the relaxed
+            structure (IS2RE with the IS2RS auxiliary task), with an attention head on the final
+            features like the direct-force head (the reference's ``auxiliary_head``).
         attention_type: ``mlp_nonlinear`` (paper default), ``mlp_linear`` or ``dot_product``.
         radial_basis / num_radial_basis / radial_hidden_channels: distance expansion (``exp``,
             ``bessel``, ``gaussian``) and the hidden widths of every radial MLP.
@@ -122,6 +129,7 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         use_pbc: bool = False,
         regress_forces: bool = True,
         direct_forces: bool = False,
+        regress_displacement: bool = False,
         max_neighbors: int = 1000,
         max_radius: float = 5.0,
         max_num_elements: int = 90,
@@ -162,6 +170,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
                 f"regress_forces=True gives forces as -d energy / d pos: it needs head='scalar' and "
                 f"target='energy', got head={head!r}, target={target!r} (set regress_forces: False)"
             )
+        if head == "dipole" and regress_displacement:
+            raise ValueError("regress_displacement=True needs head='scalar' (IS2RE energy + displacement)")
         if head == "dipole" and use_pbc:
             raise ValueError("head='dipole' needs use_pbc=False: a periodic structure has no defined dipole")
 
@@ -203,6 +213,9 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         else:
             self.energy_head = scalar_head(irreps_feature)
         self.force_head = attention(irreps_feature, o3.Irreps("1x1e")) if direct_forces else None
+        self.displacement_head = (
+            attention(irreps_feature, o3.Irreps("1x1e")) if regress_displacement else None
+        )
 
     def _edges(self, data, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge index ``[2, E]`` (source, target) and vectors source - target ``[E, 3]``, computed
@@ -245,6 +258,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
                 outputs["forces"] = -gradient  # [N, 3]
         if self.direct_forces:
             outputs["forces"] = self.force_head(node_features, edges)  # [N, 3] (1x1e: x, y, z)
+        if self.displacement_head is not None:
+            outputs["displacement"] = self.displacement_head(node_features, edges)  # [N, 3]
         return outputs
 
     def _features(

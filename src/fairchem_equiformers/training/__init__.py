@@ -1,5 +1,6 @@
-"""Training: the forces trainer, its learning-rate schedules and weight-decay groups."""
+"""Training: the forces trainer, its learning-rate schedules and weight-decay groups, Noisy Nodes."""
 
+from .noisy_nodes import NoisyNodesLmdbDataset
 from .param_groups import no_weight_decay_names, parameter_groups
 from .schedule import CosineSchedule, LRScheduler, MultistepSchedule, WarmupSchedule
 from .trainer import ForcesTrainer
@@ -9,6 +10,7 @@ __all__ = [
     "ForcesTrainer",
     "LRScheduler",
     "MultistepSchedule",
+    "NoisyNodesLmdbDataset",
     "WarmupSchedule",
     "no_weight_decay_names",
     "parameter_groups",

@@ -15,7 +15,11 @@ losses, evaluation, logging and distributed training are the host's):
 * the logged training loss is the loss of the global batch (the mean over ranks), not rank 0's
   share of it;
 * predict/validate from a full training checkpoint without a train set, and warmups shorter
-  than one batch, both of which trip the host's ``equiformerv2_forces`` trainer.
+  than one batch, both of which trip the host's ``equiformerv2_forces`` trainer;
+* a loss coefficient may decay linearly over the run (``final_coefficient`` next to
+  ``coefficient`` in ``loss_functions``; the Equiformer IS2RS auxiliary loss goes from 15 to 1);
+* a training set with ``set_epoch`` (``NoisyNodesLmdbDataset``) is told the epoch before each
+  one, which switches on and seeds its perturbations (val/test sets are never told).
 """
 
 from __future__ import annotations
@@ -69,6 +73,24 @@ def check_optim_keys(optim: dict) -> None:
         raise ValueError(f"unknown optim key(s) {unknown}; this trainer reads {sorted(OPTIM_KEYS)}")
 
 
+class DatasetEpochSampler:
+    """The host's training batch sampler, also handing the epoch to the dataset (before the data
+    loader's workers copy it), so per-epoch random draws in the dataset are seeded by the epoch."""
+
+    def __init__(self, sampler, dataset) -> None:
+        self.sampler, self.dataset = sampler, dataset
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch_and_start_iteration(self, epoch: int, start_iteration: int) -> None:
+        self.sampler.set_epoch_and_start_iteration(epoch, start_iteration)
+        self.dataset.set_epoch(epoch)
+
+
 @registry.register_trainer("fairchem_equiformers.ForcesTrainer")
 class ForcesTrainer(OCPTrainer):
     """Energy and force training with the EquiformerV2 recipe (see the module docstring).
@@ -112,7 +134,34 @@ class ForcesTrainer(OCPTrainer):
             ExponentialMovingAverage(self.model.parameters(), self.ema_decay) if self.ema_decay else None
         )
 
+    def load_datasets(self) -> None:
+        super().load_datasets()
+        dataset = getattr(getattr(self, "train_dataset", None), "dataset", None)  # in a Subset
+        if self.train_loader is not None and hasattr(dataset, "set_epoch"):
+            self.train_sampler = DatasetEpochSampler(self.train_sampler, dataset)
+            self.train_loader = self.get_dataloader(self.train_dataset, self.train_sampler)
+
+    def load_loss(self) -> None:
+        """The host's losses; those with a ``final_coefficient`` are interpolated linearly from
+        ``coefficient`` (step 0) to it (last step) as training goes."""
+        super().load_loss()
+        settings = [entry for loss in self.config["loss_functions"] for entry in loss.values()]
+        self._coefficient_ranges = {
+            index: (float(entry["coefficient"]), float(entry["final_coefficient"]))
+            for index, entry in enumerate(settings)  # the host's order of self.loss_functions
+            if "final_coefficient" in entry
+        }
+
+    def _update_loss_coefficients(self) -> None:
+        if not self._coefficient_ranges or self.train_loader is None:
+            return
+        total_steps = len(self.train_loader) * self.config["optim"]["max_epochs"]
+        progress = min(1.0, self.step / total_steps)
+        for index, (start, final) in self._coefficient_ranges.items():
+            self.loss_functions[index][1]["coefficient"] = start + (final - start) * progress
+
     def _compute_loss(self, out, batch) -> torch.Tensor:
+        self._update_loss_coefficients()
         loss = super()._compute_loss(out, batch)
         model = self._unwrapped_model
         auxiliary = getattr(model, "deq_auxiliary_loss", None)  # DEQ stabilisers (training only)
