@@ -343,8 +343,8 @@ class Learning:
     def __init__(self, train, test) -> None:
         self.train, self.test = train, test
         energies = np.array([e for _, e, _ in train])
-        self.energy_mean, self.energy_std = energies.mean(), energies.std()
-        self.force_std = np.concatenate([f for _, _, f in train]).std()
+        # one scale for energies and forces, so that the forces stay minus the energy's gradient
+        self.energy_mean, self.scale = energies.mean(), np.concatenate([f for _, _, f in train]).std()
 
     @staticmethod
     def batch(frames):
@@ -368,8 +368,8 @@ class Learning:
                 [self.train[i] for i in rng.choice(len(self.train), batch_size, replace=False)]
             )
             out = model(batch)
-            energy_loss = (out["energy"] - (batch.energy - self.energy_mean) / self.energy_std).abs().mean()
-            force_loss = (out["forces"] - batch.forces / self.force_std).norm(dim=1).mean()
+            energy_loss = (out["energy"] - (batch.energy - self.energy_mean) / self.scale).abs().mean()
+            force_loss = (out["forces"] - batch.forces / self.scale).norm(dim=1).mean()
             optimizer.zero_grad()
             (energy_loss + 10 * force_loss).backward()
             optimizer.step()
@@ -377,8 +377,8 @@ class Learning:
         model.eval()
         batch = self.batch(self.test)
         out = model(batch)
-        energy = out["energy"].detach() * self.energy_std + self.energy_mean
-        forces = out["forces"].detach() * self.force_std
+        energy = out["energy"].detach() * self.scale + self.energy_mean
+        forces = out["forces"].detach() * self.scale
         return float((energy - batch.energy).abs().mean()), float((forces - batch.forces).abs().mean())
 
 
@@ -458,8 +458,9 @@ MOLECULE_LEARNER = {
 
 
 def test_learns_ethanol_forces_far_better_than_the_mean_predictor(ethanol_md):
-    """64 frames of GFN2-xTB ethanol at 500 K, 150 steps: held-out forces at least 2.5x better
-    than the mean predictor (measured: 0.249 vs 0.886 eV/A, 3.6x)."""
+    """64 frames of GFN2-xTB ethanol at 500 K, 150 steps: held-out forces at least 3x and energies
+    at least 2x better than the mean predictor (measured: forces 0.197 vs 0.886 eV/A, 4.5x;
+    energies 0.032 vs 0.093 eV, 2.9x)."""
     train, test = ethanol_md
     learning = Learning(labelled(train), labelled(test))
     torch.manual_seed(0)
@@ -467,7 +468,8 @@ def test_learns_ethanol_forces_far_better_than_the_mean_predictor(ethanol_md):
     mean_energy, mean_force = learning.mean_predictor()
     print(f"ethanol: energy MAE {energy_mae:.3f} eV, forces {force_mae:.3f} eV/A; "
           f"mean predictor {mean_energy:.3f}, {mean_force:.3f}")  # fmt: skip
-    assert force_mae < mean_force / 2.5
+    assert force_mae < mean_force / 3
+    assert energy_mae < mean_energy / 2
 
 
 class ModelCalculator(Calculator):
@@ -483,8 +485,8 @@ class ModelCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         out = self.model(to_batch([self.atoms]))
         self.results = {
-            "energy": float(out["energy"]) * self.learning.energy_std + self.learning.energy_mean,
-            "forces": out["forces"].detach().double().numpy() * self.learning.force_std,
+            "energy": float(out["energy"]) * self.learning.scale + self.learning.energy_mean,
+            "forces": out["forces"].detach().double().numpy() * self.learning.scale,
         }
 
 
