@@ -537,7 +537,9 @@ def test_ethanol_md_with_a_trained_model_is_stable(ethanol_500k):
     """Train on 900 frames of 500 K ethanol (GFN2-xTB), then run MD through ASE with the trained
     model's conservative forces from the first frame, 500 fs each: Langevin at 500 K and NVE
     (velocities drawn at 1000 K, which equipartition to ~500 K). No bond may deviate by more than
-    0.5 A from its starting length in either run, and NVE must conserve the total energy."""
+    0.5 A from its starting length in either run, and NVE must conserve the total energy.
+    Measured: forces 0.069 vs 0.846 eV/A (mean predictor), energies 0.019 vs 0.148 eV; both runs
+    stable for 500 fs; NVE max |E - E(0)| 6.1e-4 eV/atom; 375 CPU s with the labels."""
     cpu_start = time.process_time()
     train, test, start = ethanol_500k
     learning = Learning(train, test)
