@@ -1,4 +1,5 @@
-"""Shared fixtures: small OC20-like structures built with ASE, batched the fairchem way."""
+"""Shared fixtures: small OC20-like structures built with ASE, batched the fairchem way, and
+GFN2-xTB ethanol MD frames for the molecular learning tests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from ase.constraints import FixAtoms
 from ase.db import connect
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
+
+from fairchem_equiformers.data.molecules import md_frames
 
 
 def slab_with_adsorbate(metal: str, facet: str, adsorbate: str, seed: int) -> Atoms:
@@ -99,6 +102,16 @@ TINY_V2 = dict(
 @pytest.fixture
 def tiny_v2_config() -> dict:
     return dict(TINY_V2)
+
+
+@pytest.fixture(scope="session")
+def ethanol_md() -> tuple[list[Atoms], list[Atoms]]:
+    """GFN2-xTB ethanol at 500 K (tblite; ~8 s): 96 frames 2.5 fs apart, each carrying its energy
+    (eV) and forces (eV/A); MD17 style: 64 random frames to train, the other 32 to test. Shared
+    by the molecular learning tests of every model family."""
+    frames = md_frames("ethanol", 96, seed=0, stride=5)
+    order = np.random.default_rng(0).permutation(len(frames))
+    return [frames[i] for i in order[:64]], [frames[i] for i in order[64:]]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from e3nn import o3
 from fairchem.core.common.registry import registry
 
 from fairchem_equiformers import EquiformerV1
-from fairchem_equiformers.data.molecules import md_frames
 from fairchem_equiformers.primitives import BesselBasis, ExpNormalBasis
 from fairchem_equiformers.primitives.irreps import DepthwiseTensorProduct
 
@@ -237,14 +236,6 @@ def test_bad_input_is_a_clear_error(mutate, message):
 # Degree 1 keeps the learning runs to ~0.3 s per step on 2 CPU cores.
 TINY_LEARNER = {**TINY_V1, "irreps_node_embedding": "16x0e+8x1e", "irreps_head": "8x0e+4x1e"}
 TINY_LEARNER["irreps_mlp_mid"] = "32x0e+16x1e"
-
-
-@pytest.fixture(scope="module")
-def ethanol_md():
-    """96 frames 2.5 fs apart; MD17 style: 64 random frames to train, the other 32 to test."""
-    frames = md_frames("ethanol", 96, seed=0, stride=5)
-    order = np.random.default_rng(0).permutation(len(frames))
-    return [frames[i] for i in order[:64]], [frames[i] for i in order[64:]]
 
 
 def labelled_batch(frames):
