@@ -35,7 +35,7 @@ class SO2OrderLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_real, w_imag = self.fc.weight.chunk(2, dim=0)  # [D * C_out, D * C_in] each
         weight = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)])
-        y = nn.functional.linear(x.reshape(x.shape[0], -1), weight)  # [E, 2 * D * C_out]
+        y = nn.functional.linear(x.flatten(1), weight)  # [E, 2 * D * C_out]
         return y.view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
