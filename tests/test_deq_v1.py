@@ -16,7 +16,7 @@ from fairchem_equiformers import DEQEquiformerV1, EquiformerV1
 from fairchem_equiformers.deq import DEQConvergenceWarning, IrrepsWeightNorm, apply_weight_norm
 
 from .conftest import molecule_in_box, to_batch
-from .test_deq import energy_of, parameter_gradients, rotated
+from .test_deq import energy_of, parameter_gradients, rotated, rotation_errors
 from .test_equiformer_v1 import TINY_V1
 
 # the tiny Equiformer of test_equiformer_v1.py at lmax 1 (2.5x faster per map evaluation), one
@@ -137,18 +137,8 @@ def test_gradient_forces_match_finite_differences():
 def test_rotation_invariance_and_equivariance_float64(direct_forces):
     batch = structures(count=2)
     model = deq_model({**TINY_DEQ_V1, "direct_forces": direct_forces}, solver_eval=TIGHT)
-    base = model(copy.deepcopy(batch))
-    assert base["forces"].abs().max() > 1e-4
-    torch.manual_seed(7)
-    worst_e = worst_f = 0.0
-    for _ in range(2):
-        rotation = o3.rand_matrix(dtype=torch.float64)
-        out = model(rotated(batch, rotation))
-        worst_e = max(
-            worst_e, float((out["energy"] - base["energy"]).abs().max() / base["energy"].abs().max())
-        )
-        error = (out["forces"] - base["forces"] @ rotation.T).abs().max() / base["forces"].abs().max()
-        worst_f = max(worst_f, float(error))
+    assert model(copy.deepcopy(batch))["forces"].abs().max() > 1e-4
+    worst_e, worst_f = rotation_errors(model, batch)
     print(f"direct_forces={direct_forces}: rotation error energy {worst_e:.1e}, forces {worst_f:.1e}")
     assert worst_e < 1e-10 and worst_f < 1e-9
 

@@ -183,6 +183,20 @@ class DEQMixin:
             return self.solver_reuse
         return self.solver_train if self.training else self.solver_eval
 
+    def _block_fixed_point(self, injection: torch.Tensor, edges, data) -> torch.Tensor:
+        """``z* = fixed_point_norm(blocks(z* + injection_norm(u)))`` for the model's weight-tied
+        ``self.blocks`` (each called as ``block(x, edges, batch, num_graphs)``); ``[N, ...]``."""
+        injection = self.injection_norm(injection)
+        batch, num_graphs = data.batch, len(data.natoms)
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            x = z + injection
+            for block in self.blocks:
+                x = block(x, edges, batch, num_graphs)
+            return self.fixed_point_norm(x)
+
+        return self._fixed_point(f, injection, data)
+
     def _fixed_point(
         self, f: Callable[[torch.Tensor], torch.Tensor], injection: torch.Tensor, data
     ) -> torch.Tensor:
@@ -273,13 +287,4 @@ class DEQEquiformerV2(DEQMixin, EquiformerV2):
 
     def _interact(self, injection: torch.Tensor, edges: EdgeContext, data) -> torch.Tensor:
         """The fixed point of the blocks, ``[N, K, C] -> [N, K, C]``."""
-        injection = self.injection_norm(injection)  # [N, K, C]
-        batch, num_graphs = data.batch, len(data.natoms)
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            x = z + injection
-            for block in self.blocks:
-                x = block(x, edges, batch, num_graphs)
-            return self.fixed_point_norm(x)
-
-        return self._fixed_point(f, injection, data)
+        return self._block_fixed_point(injection, edges, data)

@@ -53,14 +53,5 @@ class DEQEquiformerV1(DEQMixin, EquiformerV1):
 
     def _interact(self, injection: torch.Tensor, edges: EdgeFeatures, data) -> torch.Tensor:
         """The fixed point of the blocks ``[N, D_node]``, then the output block ``-> [N, D_feature]``."""
-        injection = self.injection_norm(injection)  # [N, D_node]
-        batch, num_graphs = data.batch, len(data.natoms)
-
-        def f(z: torch.Tensor) -> torch.Tensor:
-            x = z + injection
-            for block in self.blocks:
-                x = block(x, edges, batch, num_graphs)
-            return self.fixed_point_norm(x)
-
-        z = self._fixed_point(f, injection, data)
-        return self.output_block(z, edges, batch, num_graphs)
+        z = self._block_fixed_point(injection, edges, data)  # [N, D_node]
+        return self.output_block(z, edges, data.batch, len(data.natoms))
