@@ -45,6 +45,32 @@ class EdgeContext:
     rotation: EdgeRotation
     num_nodes: int
 
+    def chunks(self, bytes_per_edge: int) -> list[EdgeContext]:
+        """The edges in consecutive chunks whose per-edge intermediates of ``bytes_per_edge``
+        take about ``EDGE_CHUNK_BYTES`` each, when no gradient is being recorded; otherwise
+        (autograd keeps the intermediates anyway) all edges in one chunk. Node indices stay
+        global. Chunked intermediates stay in cache and are reused by the allocator instead
+        of being mapped afresh (and page-faulted) for every operation."""
+        num_edges = self.edge_index.shape[1]
+        step = max(1, EDGE_CHUNK_BYTES // max(bytes_per_edge, 1))
+        if torch.is_grad_enabled() or num_edges <= step:
+            return [self]
+        return [self._rows(slice(start, start + step)) for start in range(0, num_edges, step)]
+
+    def _rows(self, rows: slice) -> EdgeContext:
+        return EdgeContext(
+            edge_index=self.edge_index[:, rows],
+            edge_scalars=self.edge_scalars[rows],
+            source_z=self.source_z[rows],
+            target_z=self.target_z[rows],
+            rotation=self.rotation.edges(rows),
+            num_nodes=self.num_nodes,
+        )
+
+
+# Size of the per-edge intermediates of one chunk of edges in a no-grad forward (bytes).
+EDGE_CHUNK_BYTES = 16 << 20
+
 
 def attach_element_embeddings(
     module: nn.Module, enabled: bool, max_num_elements: int, radial_channels: list[int]
@@ -160,7 +186,29 @@ class SO2GraphAttention(nn.Module):
         self.proj = SO3Linear(num_heads * attn_value_channels, output_channels, lmax=lmax)
 
     def forward(self, x: torch.Tensor, edges: EdgeContext) -> torch.Tensor:
-        source, target = edges.edge_index
+        chunks = edges.chunks(x.shape[1] * 2 * x.shape[2] * x.element_size())
+        block_weights = self.so2_conv_1.block_weights(), self.so2_conv_2.block_weights()
+        values, logits = zip(*(self._messages(x, chunk, *block_weights) for chunk in chunks))
+        alpha = graph_softmax(torch.cat(logits), edges.edge_index[1], edges.num_nodes)  # [E, H]
+        if self.alpha_dropout is not None:
+            alpha = self.alpha_dropout(alpha)
+        aggregated = x.new_zeros(edges.num_nodes, x.shape[1], self.num_heads * self.attn_value_channels)
+        for chunk, value, chunk_alpha in zip(chunks, values, alpha.split([v.shape[0] for v in values])):
+            value = value.view(value.shape[0], value.shape[1], self.num_heads, self.attn_value_channels)
+            value = (value * chunk_alpha[:, None, :, None]).flatten(2)  # [e, K_e, H * V]
+            value = chunk.rotation.from_edge(value)  # [e, K, H * V]
+            aggregated.index_add_(0, chunk.edge_index[1], value)  # [N, K, H * V]
+        return self.proj(aggregated)
+
+    def _messages(
+        self,
+        x: torch.Tensor,
+        edges: EdgeContext,
+        block_weights_1: list[torch.Tensor],
+        block_weights_2: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values ``[E, K_e, H * V]`` (edge frame) and attention logits ``[E, H]`` of ``edges``.
+        ``block_weights_*``: the SO(2) convolutions' block weights, built once per forward."""
         edge_scalars = with_element_embeddings(
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
         )
@@ -174,9 +222,9 @@ class SO2GraphAttention(nn.Module):
         message = edges.rotation.to_edge(message)  # [E, K_e, 2C]
 
         if self.use_m_share_rad:
-            message, extra = self.so2_conv_1(message)
-        else:
-            message, extra = self.so2_conv_1(message, edge_scalars)  # [E, K_e, hidden]
+            message, extra = self.so2_conv_1(message, block_weights=block_weights_1)
+        else:  # [E, K_e, hidden]
+            message, extra = self.so2_conv_1(message, edge_scalars, block_weights_1)
         alpha_inputs, gates = extra.split([extra.shape[1] - self.num_gates, self.num_gates], dim=1)
 
         if self.use_gate_act:
@@ -185,19 +233,9 @@ class SO2GraphAttention(nn.Module):
             message = self.s2_act(gates, message)
         else:
             message = self.s2_act(message)
-        value = self.so2_conv_2(message)  # [E, K_e, H * V]
+        value = self.so2_conv_2(message, block_weights=block_weights_2)  # [E, K_e, H * V]
 
         alpha = self.alpha_act(
             self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels))
         )
-        alpha = (alpha * self.alpha_dot).sum(dim=-1)  # [E, H]
-        alpha = graph_softmax(alpha, target, edges.num_nodes)
-        if self.alpha_dropout is not None:
-            alpha = self.alpha_dropout(alpha)
-
-        value = value.view(value.shape[0], value.shape[1], self.num_heads, self.attn_value_channels)
-        value = (value * alpha[:, None, :, None]).flatten(2)  # [E, K_e, H * V]
-        value = edges.rotation.from_edge(value)  # [E, K, H * V]
-        aggregated = value.new_zeros(edges.num_nodes, value.shape[1], value.shape[2])
-        aggregated.index_add_(0, target, value)  # [N, K, H * V]
-        return self.proj(aggregated)
+        return value, (alpha * self.alpha_dot).sum(dim=-1)  # [E, H]

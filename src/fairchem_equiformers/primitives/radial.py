@@ -26,7 +26,12 @@ class GaussianBasis(nn.Module):
 
     def forward(self, distance: torch.Tensor) -> torch.Tensor:
         diff = distance[:, None] - self.centers.to(distance.dtype)
-        return torch.exp(self.coefficient * diff * diff)
+        basis = torch.exp(self.coefficient * diff * diff)
+        # Narrow Gaussians come out subnormal a little before they underflow (float32: 0.53 to
+        # 0.58 A from their centre at the released width). Every matmul reading a subnormal
+        # takes the CPU's slow path (the radial MLPs' first layers ran several times slower);
+        # zero is as good an answer, far below the rounding of any sum the value enters.
+        return basis.masked_fill(basis < torch.finfo(basis.dtype).tiny, 0.0)
 
     def extra_repr(self) -> str:
         return f"num_basis={self.num_basis}, range=[{float(self.centers[0])}, {float(self.centers[-1])}]"

@@ -49,6 +49,14 @@ class EdgeRotation:
         self.to_edge_matrix = diagonal.transpose(1, 2).contiguous()  # [E, K_e, K]
         self.from_edge_matrix = diagonal * rescale[:, None]  # [E, K, K_e]
 
+    def edges(self, rows: slice) -> EdgeRotation:
+        """The rotations of the edges ``rows`` (views, no copy)."""
+        part = object.__new__(EdgeRotation)
+        part.layout = self.layout
+        part.to_edge_matrix = self.to_edge_matrix[rows]
+        part.from_edge_matrix = self.from_edge_matrix[rows]
+        return part
+
     @classmethod
     def from_edge_vectors(cls, edge_vec: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
         """Frame fixed by the edge vectors ``[E, 3]`` alone (source minus target, non-zero)."""

@@ -32,10 +32,17 @@ class SO2OrderLinear(nn.Module):
         self.out_channels = out_channels
         self.fc = nn.Linear(num_degrees * in_channels, 2 * num_degrees * out_channels, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def block_weight(self) -> torch.Tensor:
+        """``[[W_r, -W_i], [W_i, W_r]]``: ``[2 * D * C_out, 2 * D * C_in]``."""
         w_real, w_imag = self.fc.weight.chunk(2, dim=0)  # [D * C_out, D * C_in] each
-        weight = torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)])
-        y = nn.functional.linear(x.flatten(1), weight)  # [E, 2 * D * C_out]
+        return torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)])
+
+    def forward(self, x: torch.Tensor, block_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``block_weight``: this module's :meth:`block_weight`, when the caller built it once
+        for several calls."""
+        if block_weight is None:
+            block_weight = self.block_weight()
+        y = nn.functional.linear(x.flatten(1), block_weight)  # [E, 2 * D * C_out]
         return y.view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
@@ -74,8 +81,20 @@ class SO2Convolution(nn.Module):
         if radial_channels is not None:
             self.rad_func = RadialMLP([*radial_channels, sum(self.radial_widths)])
 
-    def forward(self, x: torch.Tensor, edge_scalars: torch.Tensor | None = None):
+    def block_weights(self) -> list[torch.Tensor]:
+        """The ``m > 0`` maps' block weights, to build once for several calls of :meth:`forward`
+        on chunks of edges."""
+        return [conv.block_weight() for conv in self.so2_m_conv]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        edge_scalars: torch.Tensor | None = None,
+        block_weights: list[torch.Tensor] | None = None,
+    ):
         num_edges = x.shape[0]
+        if block_weights is None:
+            block_weights = self.block_weights()
         sizes = self.layout.order_sizes
         weights = None
         if self.rad_func is not None:
@@ -93,6 +112,6 @@ class SO2Convolution(nn.Module):
             x_m = orders[m].reshape(num_edges, 2, sizes[m] * self.in_channels)  # [E, 2, D * C_in]
             if weights is not None:
                 x_m = x_m * weights[m][:, None, :]
-            outputs.append(self.so2_m_conv[m - 1](x_m))
+            outputs.append(self.so2_m_conv[m - 1](x_m, block_weights[m - 1]))
         out = torch.cat(outputs, dim=1)  # [E, K_e, C_out]
         return (out, extra) if self.extra_m0_channels else out
