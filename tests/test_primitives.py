@@ -248,15 +248,26 @@ def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_deri
     assert torch.autograd.gradgradcheck(chunked, inputs)
 
 
-def test_gather_edge_pairs_equals_the_plain_concatenation_with_first_and_second_derivatives():
-    """Source and target features side by side; the custom backward (whole rows summed per node,
-    then the matching half kept) gives exact first and second derivatives."""
-    from fairchem_equiformers.primitives import gather_edge_pairs
+def test_gather_to_edge_equals_rotating_the_concatenation_with_first_and_second_derivatives(monkeypatch):
+    """Source and target features rotated into the edge frame, side by side: the fused gather
+    and rotation (blocks of edges, custom backward) gives the plain expression's values and
+    its exact first and second derivatives with respect to the features and the matrices."""
+    from fairchem_equiformers.primitives import EdgeRotation, SphericalLayout, rotation
 
+    monkeypatch.setattr(rotation, "GATHER_BLOCK_ELEMENTS", 60)  # blocks of 2 edges
     torch.manual_seed(0)
-    x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
-    edge_index = torch.randint(0, 6, (2, 15))
-    plain = torch.cat([x[edge_index[0]], x[edge_index[1]]], dim=-1)
-    assert torch.equal(gather_edge_pairs(x, edge_index), plain)
-    assert torch.autograd.gradcheck(lambda x: gather_edge_pairs(x, edge_index), (x,))
-    assert torch.autograd.gradgradcheck(lambda x: gather_edge_pairs(x, edge_index).sin(), (x,))
+    layout = SphericalLayout(2, 1)
+    rot = EdgeRotation.from_edge_vectors(torch.randn(7, 3, dtype=torch.float64), layout)
+    matrix = rot.to_edge_matrix.detach().requires_grad_()
+    x = torch.randn(4, layout.num_coefficients, 3, dtype=torch.float64, requires_grad=True)
+    edge_index = torch.randint(0, 4, (2, 7))
+    edge_index[:, 0] = torch.tensor([2, 2])  # both halves from one node
+    plain = rot.to_edge(torch.cat([x[edge_index[0]], x[edge_index[1]]], dim=-1))
+    torch.testing.assert_close(rot.gather_to_edge(x, edge_index), plain, rtol=0, atol=1e-14)
+
+    def fused(x, matrix):
+        rot.to_edge_matrix = matrix
+        return rot.gather_to_edge(x, edge_index)
+
+    assert torch.autograd.gradcheck(fused, (x, matrix))
+    assert torch.autograd.gradgradcheck(lambda x, m: fused(x, m).sin(), (x, matrix))

@@ -25,7 +25,6 @@ from fairchem_equiformers.primitives import (
     SO2Convolution,
     SO3Linear,
     SphericalLayout,
-    gather_edge_pairs,
     graph_softmax,
 )
 
@@ -157,8 +156,8 @@ class SO2GraphAttention(nn.Module):
             # one radial weight per (degree, channel), shared by all orders m
             self.rad_func = RadialMLP([*radial_channels, 2 * sphere_channels * (lmax + 1)])
             self.register_buffer(
-                "degree_of_coefficient",
-                torch.tensor(layout.degree_of_node_coefficient),
+                "degree_of_edge_coefficient",
+                torch.tensor([l for l, _ in layout.edge_lm]),
                 persistent=False,
             )
         self.so2_conv_1 = SO2Convolution(
@@ -213,13 +212,12 @@ class SO2GraphAttention(nn.Module):
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
         )
 
-        message = gather_edge_pairs(x, edges.edge_index)  # [E, K, 2C]
-        if self.use_m_share_rad:
+        message = edges.rotation.gather_to_edge(x, edges.edge_index)  # [E, K_e, 2C]
+        if self.use_m_share_rad:  # one weight per degree: the same before or after the rotation
             weight = self.rad_func(edge_scalars).view(
                 message.shape[0], self.layout.lmax + 1, message.shape[2]
             )
-            message = message * weight.index_select(1, self.degree_of_coefficient)
-        message = edges.rotation.to_edge(message)  # [E, K_e, 2C]
+            message = message * weight.index_select(1, self.degree_of_edge_coefficient)
 
         if self.use_m_share_rad:
             message, extra = self.so2_conv_1(message, block_weights=block_weights_1)

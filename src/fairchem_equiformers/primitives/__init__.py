@@ -6,7 +6,7 @@ K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H h
 
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
 from .dropout import EquivariantDropout, GraphDropPath
-from .graph import check_structures, gather_edge_pairs, radius_graph_nonperiodic
+from .graph import check_structures, radius_graph_nonperiodic
 from .grid import S2Grid
 from .layout import SphericalLayout
 from .linear import SO3Linear
@@ -57,7 +57,6 @@ __all__ = [
     "check_structures",
     "edge_frame_angles",
     "frame_angles_from_matrices",
-    "gather_edge_pairs",
     "equivariant_norm",
     "graph_softmax",
     "grid_mlp",

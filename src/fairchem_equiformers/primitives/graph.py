@@ -89,29 +89,3 @@ def check_structures(
                 f"{_graph_name(graph, sid)}: atoms {i} and {j} overlap "
                 f"(distance {float(dist[i, j]):.2e} A{' modulo the cell' if cell is not None else ''})"
             )
-
-
-class _GatherEdgePairs(torch.autograd.Function):
-    """``[x[source], x[target]]`` along the channels. The backward sums whole contiguous edge
-    rows per node (twice, by source and by target) and keeps the matching half: a scatter of
-    the strided channel halves themselves is several times slower on CPU."""
-
-    @staticmethod
-    def forward(ctx, x, source, target):  # x [N, *, C]
-        ctx.save_for_backward(source, target)
-        ctx.num_nodes = x.shape[0]
-        return torch.cat([x.index_select(0, source), x.index_select(0, target)], dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):  # [E, *, 2C]
-        source, target = ctx.saved_tensors
-        zeros = grad.new_zeros(ctx.num_nodes, *grad.shape[1:])
-        by_source = zeros.index_add(0, source, grad).chunk(2, dim=-1)[0]  # out of place: a double
-        by_target = zeros.index_add(0, target, grad).chunk(2, dim=-1)[1]  # backward sees it
-        return by_source + by_target, None, None
-
-
-def gather_edge_pairs(x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-    """Source and target features of every edge side by side: ``[N, *, C] -> [E, *, 2C]``."""
-    source, target = edge_index
-    return _GatherEdgePairs.apply(x, source, target)

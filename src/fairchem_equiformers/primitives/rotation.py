@@ -9,6 +9,55 @@ from .layout import SphericalLayout
 from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
 
 
+# Features gathered per step of the fused gather and rotation (floats): a cache-sized block.
+GATHER_BLOCK_ELEMENTS = 1 << 20
+
+
+def _edge_blocks(num_edges: int, row_elements: int) -> list[slice]:
+    step = max(1, GATHER_BLOCK_ELEMENTS // max(row_elements, 1))
+    return [slice(start, min(start + step, num_edges)) for start in range(0, num_edges, step)]
+
+
+class _GatherToEdge(torch.autograd.Function):
+    """``matrix @ [x[source], x[target]]`` (the halves side by side along the channels), a
+    block of edges at a time: the gathered node features ``[E, K, C]`` are never held whole,
+    in either pass, and no concatenation is materialised; the backward sums each block's
+    contiguous gradient rows into the nodes. The gathered features are gathered again in the
+    backward when the matrices need a gradient (conservative forces). Double backward works:
+    the backward is made of differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, x, matrix, source, target):  # x [N, K, C], matrix [E, K_e, K]
+        ctx.save_for_backward(x, matrix, source, target)
+        channels = x.shape[2]
+        out = x.new_empty(matrix.shape[0], matrix.shape[1], 2 * channels)  # [E, K_e, 2C]
+        for rows in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
+            out[rows, :, :channels] = matrix[rows] @ x.index_select(0, source[rows])
+            out[rows, :, channels:] = matrix[rows] @ x.index_select(0, target[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # [E, K_e, 2C]
+        x, matrix, source, target = ctx.saved_tensors
+        channels = x.shape[2]
+        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        grad_matrix = [] if ctx.needs_input_grad[1] else None
+        for rows in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
+            grad_source, grad_target = grad[rows].split(channels, dim=2)  # [e, K_e, C] each
+            if grad_x is not None:
+                matrix_t = matrix[rows].transpose(1, 2)  # [e, K, K_e]
+                grad_x = grad_x.index_add(0, source[rows], matrix_t @ grad_source)
+                grad_x = grad_x.index_add(0, target[rows], matrix_t @ grad_target)
+            if grad_matrix is not None:
+                grad_matrix.append(
+                    grad_source @ x.index_select(0, source[rows]).transpose(1, 2)
+                    + grad_target @ x.index_select(0, target[rows]).transpose(1, 2)
+                )
+        if grad_matrix is not None:
+            grad_matrix = torch.cat(grad_matrix) if grad_matrix else torch.zeros_like(matrix)
+        return grad_x, grad_matrix, None, None
+
+
 class EdgeRotation:
     """Per-edge Wigner matrices, computed once per forward pass and shared by every layer.
 
@@ -66,6 +115,11 @@ class EdgeRotation:
     def from_rotation_matrices(cls, rotation: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
         """Frame given as rotations ``[E, 3, 3]`` that map each edge direction onto ``+y``."""
         return cls(layout, *frame_angles_from_matrices(rotation))
+
+    def gather_to_edge(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Node features ``[N, K, C]`` -> source and target features of every edge side by
+        side, in the edge layout: ``[E, K_e, 2C]``."""
+        return _GatherToEdge.apply(x, self.to_edge_matrix, edge_index[0], edge_index[1])
 
     def to_edge(self, x: torch.Tensor) -> torch.Tensor:
         """``[E, K, C]`` node layout (already gathered per edge) -> ``[E, K_e, C]`` edge layout."""
