@@ -249,9 +249,10 @@ def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_deri
 
 
 def test_gather_to_edge_equals_rotating_the_concatenation_with_first_and_second_derivatives(monkeypatch):
-    """Source and target features rotated into the edge frame, side by side: the fused gather
-    and rotation (blocks of edges, custom backward) gives the plain expression's values and
-    its exact first and second derivatives with respect to the features and the matrices."""
+    """Source and target features rotated into the edge frame, side by side, split into orders:
+    the fused gather and rotation (blocks of edges, custom backward) gives the plain
+    expression's values and its exact first and second derivatives with respect to the
+    features and the matrices."""
     from fairchem_equiformers.primitives import EdgeRotation, SphericalLayout, rotation
 
     monkeypatch.setattr(rotation, "GATHER_BLOCK_ELEMENTS", 60)  # blocks of 2 edges
@@ -263,11 +264,13 @@ def test_gather_to_edge_equals_rotating_the_concatenation_with_first_and_second_
     edge_index = torch.randint(0, 4, (2, 7))
     edge_index[:, 0] = torch.tensor([2, 2])  # both halves from one node
     plain = rot.to_edge(torch.cat([x[edge_index[0]], x[edge_index[1]]], dim=-1))
-    torch.testing.assert_close(rot.gather_to_edge(x, edge_index), plain, rtol=0, atol=1e-14)
+    orders = rot.gather_to_edge(x, edge_index)
+    assert [o.shape[1] for o in orders] == layout.order_rows
+    torch.testing.assert_close(torch.cat(orders, dim=1), plain, rtol=0, atol=1e-14)
 
     def fused(x, matrix):
         rot.to_edge_matrix = matrix
-        return rot.gather_to_edge(x, edge_index)
+        return torch.cat(rot.gather_to_edge(x, edge_index), dim=1)
 
     assert torch.autograd.gradcheck(fused, (x, matrix))
     assert torch.autograd.gradgradcheck(lambda x, m: fused(x, m).sin(), (x, matrix))

@@ -212,12 +212,11 @@ class SO2GraphAttention(nn.Module):
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
         )
 
-        message = edges.rotation.gather_to_edge(x, edges.edge_index)  # [E, K_e, 2C]
+        message = edges.rotation.gather_to_edge(x, edges.edge_index)  # orders of [E, K_e, 2C]
         if self.use_m_share_rad:  # one weight per degree: the same before or after the rotation
-            weight = self.rad_func(edge_scalars).view(
-                message.shape[0], self.layout.lmax + 1, message.shape[2]
-            )
-            message = message * weight.index_select(1, self.degree_of_edge_coefficient)
+            weight = self.rad_func(edge_scalars).view(-1, self.layout.lmax + 1, 2 * x.shape[2])
+            weight = weight.index_select(1, self.degree_of_edge_coefficient)  # [E, K_e, 2C]
+            message = [m * w for m, w in zip(message, weight.split(self.layout.order_rows, 1))]
 
         if self.use_m_share_rad:
             message, extra = self.so2_conv_1(message, block_weights=block_weights_1)

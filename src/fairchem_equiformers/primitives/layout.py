@@ -68,6 +68,12 @@ class SphericalLayout:
         """Number of degrees carrying order m (for m = 0..mmax): ``lmax - m + 1``."""
         return [self.lmax - m + 1 for m in range(self.mmax + 1)]
 
+    @cached_property
+    def order_rows(self) -> list[int]:
+        """Rows of each order's group in the edge layout: ``lmax + 1`` for m = 0, then
+        ``2 * (lmax - m + 1)`` (+m and -m) for each m = 1..mmax."""
+        return [self.order_sizes[0]] + [2 * d for d in self.order_sizes[1:]]
+
     def truncation_rescale(self, l: int) -> float:
         """Factor sqrt((2l+1)/(2mmax+1)) applied to degrees that lose orders |m| > mmax.
 

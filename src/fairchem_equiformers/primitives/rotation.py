@@ -19,43 +19,47 @@ def _edge_blocks(num_edges: int, row_elements: int) -> list[slice]:
 
 
 class _GatherToEdge(torch.autograd.Function):
-    """``matrix @ [x[source], x[target]]`` (the halves side by side along the channels), a
-    block of edges at a time: the gathered node features ``[E, K, C]`` are never held whole,
-    in either pass, and no concatenation is materialised; the backward sums each block's
+    """``matrix @ [x[source], x[target]]`` (the halves side by side along the channels), split
+    into row groups, a block of edges at a time: the gathered node features ``[E, K, C]`` are
+    never held whole, in either pass, and neither the concatenation nor (in the backward) the
+    row groups' gradients are assembled into one tensor; the backward sums each block's
     contiguous gradient rows into the nodes. The gathered features are gathered again in the
     backward when the matrices need a gradient (conservative forces). Double backward works:
     the backward is made of differentiable operations."""
 
     @staticmethod
-    def forward(ctx, x, matrix, source, target):  # x [N, K, C], matrix [E, K_e, K]
+    def forward(ctx, x, matrix, source, target, group_rows):  # x [N, K, C], matrix [E, K_e, K]
         ctx.save_for_backward(x, matrix, source, target)
         channels = x.shape[2]
-        out = x.new_empty(matrix.shape[0], matrix.shape[1], 2 * channels)  # [E, K_e, 2C]
-        for rows in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
-            out[rows, :, :channels] = matrix[rows] @ x.index_select(0, source[rows])
-            out[rows, :, channels:] = matrix[rows] @ x.index_select(0, target[rows])
-        return out
+        groups = [x.new_empty(matrix.shape[0], rows, 2 * channels) for rows in group_rows]
+        for edges in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
+            for half, index in ((slice(None, channels), source), (slice(channels, None), target)):
+                rotated = matrix[edges] @ x.index_select(0, index[edges])  # [e, K_e, C]
+                for group, part in zip(groups, rotated.split(group_rows, dim=1)):
+                    group[edges, :, half] = part
+        return tuple(groups)
 
     @staticmethod
-    def backward(ctx, grad):  # [E, K_e, 2C]
+    def backward(ctx, *grad_groups):  # [E, rows, 2C] each
         x, matrix, source, target = ctx.saved_tensors
         channels = x.shape[2]
         grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
         grad_matrix = [] if ctx.needs_input_grad[1] else None
-        for rows in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
-            grad_source, grad_target = grad[rows].split(channels, dim=2)  # [e, K_e, C] each
+        for edges in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
+            grad = torch.cat([g[edges] for g in grad_groups], dim=1)  # [e, K_e, 2C]
+            grad_source, grad_target = grad.split(channels, dim=2)
             if grad_x is not None:
-                matrix_t = matrix[rows].transpose(1, 2)  # [e, K, K_e]
-                grad_x = grad_x.index_add(0, source[rows], matrix_t @ grad_source)
-                grad_x = grad_x.index_add(0, target[rows], matrix_t @ grad_target)
+                matrix_t = matrix[edges].transpose(1, 2)  # [e, K, K_e]
+                grad_x = grad_x.index_add(0, source[edges], matrix_t @ grad_source)
+                grad_x = grad_x.index_add(0, target[edges], matrix_t @ grad_target)
             if grad_matrix is not None:
                 grad_matrix.append(
-                    grad_source @ x.index_select(0, source[rows]).transpose(1, 2)
-                    + grad_target @ x.index_select(0, target[rows]).transpose(1, 2)
+                    grad_source @ x.index_select(0, source[edges]).transpose(1, 2)
+                    + grad_target @ x.index_select(0, target[edges]).transpose(1, 2)
                 )
         if grad_matrix is not None:
             grad_matrix = torch.cat(grad_matrix) if grad_matrix else torch.zeros_like(matrix)
-        return grad_x, grad_matrix, None, None
+        return grad_x, grad_matrix, None, None, None
 
 
 class EdgeRotation:
@@ -116,10 +120,14 @@ class EdgeRotation:
         """Frame given as rotations ``[E, 3, 3]`` that map each edge direction onto ``+y``."""
         return cls(layout, *frame_angles_from_matrices(rotation))
 
-    def gather_to_edge(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    def gather_to_edge(self, x: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Node features ``[N, K, C]`` -> source and target features of every edge side by
-        side, in the edge layout: ``[E, K_e, 2C]``."""
-        return _GatherToEdge.apply(x, self.to_edge_matrix, edge_index[0], edge_index[1])
+        side, in the edge layout ``[E, K_e, 2C]``, split into its orders (what an SO(2)
+        convolution takes): ``[E, lmax+1, 2C]`` for m = 0, then ``[E, 2 * (lmax-m+1), 2C]``
+        (+m rows, then -m rows) for each m = 1..mmax."""
+        return _GatherToEdge.apply(
+            x, self.to_edge_matrix, edge_index[0], edge_index[1], self.layout.order_rows
+        )
 
     def to_edge(self, x: torch.Tensor) -> torch.Tensor:
         """``[E, K, C]`` node layout (already gathered per edge) -> ``[E, K_e, C]`` edge layout."""

@@ -8,6 +8,8 @@ are mixed freely within an order. Parameter names follow the released Equiformer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -54,7 +56,8 @@ class SO2Convolution(nn.Module):
     ``-m``. ``extra_m0_channels`` adds invariant outputs computed with the ``m = 0`` map
     (used for attention logits and gates).
 
-    Shapes: ``x: [E, K_e, C_in]`` (edge layout) -> ``[E, K_e, C_out]`` and, if requested,
+    Shapes: ``x: [E, K_e, C_in]`` (edge layout; or already split into its orders, see
+    :attr:`SphericalLayout.order_rows`) -> ``[E, K_e, C_out]`` and, if requested,
     ``[E, extra_m0_channels]``.
     """
 
@@ -88,11 +91,12 @@ class SO2Convolution(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Sequence[torch.Tensor],
         edge_scalars: torch.Tensor | None = None,
         block_weights: list[torch.Tensor] | None = None,
     ):
-        num_edges = x.shape[0]
+        orders = x.split(self.layout.order_rows, dim=1) if isinstance(x, torch.Tensor) else x
+        num_edges = orders[0].shape[0]
         if block_weights is None:
             block_weights = self.block_weights()
         sizes = self.layout.order_sizes
@@ -100,7 +104,6 @@ class SO2Convolution(nn.Module):
         if self.rad_func is not None:
             weights = self.rad_func(edge_scalars).split(self.radial_widths, dim=1)
 
-        orders = x.split([sizes[0]] + [2 * d for d in sizes[1:]], dim=1)  # views; backward: a cat
         x_0 = orders[0].reshape(num_edges, sizes[0] * self.in_channels)  # [E, (lmax+1) * C_in]
         if weights is not None:
             x_0 = x_0 * weights[0]
