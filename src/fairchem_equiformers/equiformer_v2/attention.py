@@ -26,6 +26,7 @@ from fairchem_equiformers.primitives import (
     SO3Linear,
     SphericalLayout,
     graph_softmax,
+    row_blocks,
 )
 
 
@@ -50,11 +51,10 @@ class EdgeContext:
         (autograd keeps the intermediates anyway) all edges in one chunk. Node indices stay
         global. Chunked intermediates stay in cache and are reused by the allocator instead
         of being mapped afresh (and page-faulted) for every operation."""
-        num_edges = self.edge_index.shape[1]
-        step = max(1, EDGE_CHUNK_BYTES // max(bytes_per_edge, 1))
-        if torch.is_grad_enabled() or num_edges <= step:
+        blocks = row_blocks(self.edge_index.shape[1], bytes_per_edge, EDGE_CHUNK_BYTES)
+        if torch.is_grad_enabled() or len(blocks) <= 1:
             return [self]
-        return [self._rows(slice(start, start + step)) for start in range(0, num_edges, step)]
+        return [self._rows(rows) for rows in blocks]
 
     def _rows(self, rows: slice) -> EdgeContext:
         return EdgeContext(

@@ -5,6 +5,7 @@ K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H h
 """
 
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
+from .blocks import row_blocks
 from .dropout import EquivariantDropout, GraphDropPath
 from .graph import check_structures, radius_graph_nonperiodic
 from .grid import S2Grid
@@ -61,6 +62,7 @@ __all__ = [
     "graph_softmax",
     "grid_mlp",
     "radius_graph_nonperiodic",
+    "row_blocks",
     "rotation_generators",
     "swap_matrix",
     "wigner_d_columns",

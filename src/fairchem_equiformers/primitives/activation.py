@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import row_blocks
 from .grid import S2Grid
 
 
@@ -47,8 +48,7 @@ GRID_CHUNK_ELEMENTS = 1 << 19
 
 
 def _row_chunks(rows: int, row_elements: int) -> list[slice]:
-    step = max(1, GRID_CHUNK_ELEMENTS // max(row_elements, 1))
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+    return row_blocks(rows, row_elements, GRID_CHUNK_ELEMENTS)
 
 
 def _silu_grad(grad: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .blocks import row_blocks
 from .layout import SphericalLayout
 from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
 
@@ -14,8 +15,7 @@ GATHER_BLOCK_ELEMENTS = 1 << 20
 
 
 def _edge_blocks(num_edges: int, row_elements: int) -> list[slice]:
-    step = max(1, GATHER_BLOCK_ELEMENTS // max(row_elements, 1))
-    return [slice(start, min(start + step, num_edges)) for start in range(0, num_edges, step)]
+    return row_blocks(num_edges, row_elements, GATHER_BLOCK_ELEMENTS)
 
 
 class _GatherToEdge(torch.autograd.Function):
@@ -50,8 +50,8 @@ class _GatherToEdge(torch.autograd.Function):
             grad_source, grad_target = grad.split(channels, dim=2)
             if grad_x is not None:
                 matrix_t = matrix[edges].transpose(1, 2)  # [e, K, K_e]
-                grad_x = grad_x.index_add(0, source[edges], matrix_t @ grad_source)
-                grad_x = grad_x.index_add(0, target[edges], matrix_t @ grad_target)
+                grad_x.index_add_(0, source[edges], matrix_t @ grad_source)
+                grad_x.index_add_(0, target[edges], matrix_t @ grad_target)
             if grad_matrix is not None:
                 grad_matrix.append(
                     grad_source @ x.index_select(0, source[edges]).transpose(1, 2)
