@@ -127,6 +127,29 @@ def test_so2_message_is_equivariant(lmax, mmax):
     torch.testing.assert_close(extra_rot, extra, atol=1e-11, rtol=0)
 
 
+def test_so2_order_map_equals_the_complex_product_with_first_and_second_derivatives():
+    """Three real matmuls (Gauss) give (W_r + i W_i)(x_+m + i x_-m), the map the released
+    checkpoints were trained with, and so do their gradients to second order."""
+    from fairchem_equiformers.primitives.so2 import SO2OrderLinear
+
+    torch.manual_seed(4)
+    linear = SO2OrderLinear(num_degrees=3, in_channels=4, out_channels=2)
+    x = torch.randn(7, 2, 3 * 4, requires_grad=True)  # [E, (+m, -m), D * C_in]
+    w_real, w_imag = linear.fc.weight.detach().chunk(2)
+    expected = torch.stack(
+        [x[:, 0] @ w_real.T - x[:, 1] @ w_imag.T, x[:, 0] @ w_imag.T + x[:, 1] @ w_real.T], 1
+    ).view(7, 2 * 3, 2)
+    torch.testing.assert_close(linear(x), expected, atol=1e-13, rtol=0)
+    weight = linear.fc.weight
+
+    def apply(features, w):
+        w_r, w_i = w.chunk(2)
+        return linear(features, (w_r, w_i, w_r + w_i))
+
+    assert torch.autograd.gradcheck(apply, (x, weight))
+    assert torch.autograd.gradgradcheck(apply, (x, weight))
+
+
 @pytest.mark.parametrize("norm_type", sorted(NORMS))
 def test_norms_are_equivariant(norm_type):
     torch.manual_seed(3)

@@ -186,8 +186,8 @@ class SO2GraphAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, edges: EdgeContext) -> torch.Tensor:
         chunks = edges.chunks(x.shape[1] * 2 * x.shape[2] * x.element_size())
-        block_weights = self.so2_conv_1.block_weights(), self.so2_conv_2.block_weights()
-        values, logits = zip(*(self._messages(x, chunk, *block_weights) for chunk in chunks))
+        order_weights = self.so2_conv_1.order_weights(), self.so2_conv_2.order_weights()
+        values, logits = zip(*(self._messages(x, chunk, *order_weights) for chunk in chunks))
         alpha = graph_softmax(torch.cat(logits), edges.edge_index[1], edges.num_nodes)  # [E, H]
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
@@ -203,11 +203,11 @@ class SO2GraphAttention(nn.Module):
         self,
         x: torch.Tensor,
         edges: EdgeContext,
-        block_weights_1: list[torch.Tensor],
-        block_weights_2: list[torch.Tensor],
+        order_weights_1: list[tuple[torch.Tensor, ...]],
+        order_weights_2: list[tuple[torch.Tensor, ...]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Values ``[E, K_e, H * V]`` (edge frame) and attention logits ``[E, H]`` of ``edges``.
-        ``block_weights_*``: the SO(2) convolutions' block weights, built once per forward."""
+        ``order_weights_*``: the SO(2) convolutions' order weights, built once per forward."""
         edge_scalars = with_element_embeddings(
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
         )
@@ -219,9 +219,9 @@ class SO2GraphAttention(nn.Module):
             message = [m * w for m, w in zip(message, weight.split(self.layout.order_rows, 1))]
 
         if self.use_m_share_rad:
-            message, extra = self.so2_conv_1(message, block_weights=block_weights_1)
+            message, extra = self.so2_conv_1(message, order_weights=order_weights_1)
         else:  # [E, K_e, hidden]
-            message, extra = self.so2_conv_1(message, edge_scalars, block_weights_1)
+            message, extra = self.so2_conv_1(message, edge_scalars, order_weights_1)
         alpha_inputs, gates = extra.split([extra.shape[1] - self.num_gates, self.num_gates], dim=1)
 
         if self.use_gate_act:
@@ -230,7 +230,7 @@ class SO2GraphAttention(nn.Module):
             message = self.s2_act(gates, message)
         else:
             message = self.s2_act(message)
-        value = self.so2_conv_2(message, block_weights=block_weights_2)  # [E, K_e, H * V]
+        value = self.so2_conv_2(message, order_weights=order_weights_2)  # [E, K_e, H * V]
 
         alpha = self.alpha_act(
             self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels))

@@ -24,9 +24,10 @@ class SO3Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = [x[:, :1] @ self.weight[0].T + self.bias]
-        for l in range(1, self.lmax + 1):
-            parts.append(x[:, l * l : (l + 1) * (l + 1)] @ self.weight[l].T)  # [N, 2l+1, C_out]
+        # one split (its backward is one concatenation, not a zero-filled tensor per degree)
+        degrees = x.split([2 * l + 1 for l in range(self.lmax + 1)], dim=1)  # [N, 2l+1, C_in]
+        parts = [degrees[0] @ self.weight[0].T + self.bias]
+        parts += [x_l @ self.weight[l].T for l, x_l in enumerate(degrees) if l > 0]  # [N, 2l+1, C_out]
         return torch.cat(parts, dim=1)
 
     def extra_repr(self) -> str:

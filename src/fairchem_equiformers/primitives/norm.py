@@ -40,9 +40,8 @@ class EquivariantLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
         out = []
-        for l in range(self.lmax + 1):
-            feature = x[:, l * l : (l + 1) * (l + 1)]  # [N, 2l+1, C]
-            if l == 0:
+        for l, feature in enumerate(x.split([2 * l + 1 for l in range(self.lmax + 1)], dim=1)):
+            if l == 0:  # feature: [N, 2l+1, C]
                 feature = feature - feature.mean(dim=2, keepdim=True)
             scale = (feature.pow(2).mean(dim=(1, 2), keepdim=True) + self.eps).rsqrt()  # [N, 1, 1]
             feature = feature * (scale * self.affine_weight[l])
@@ -64,10 +63,10 @@ class EquivariantLayerNormSH(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
-        scalars = self.norm_l0(x[:, :1])  # [N, 1, C]
         if self.lmax == 0:
-            return scalars
-        rest = x[:, 1:]  # [N, K-1, C]
+            return self.norm_l0(x)
+        scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
+        scalars = self.norm_l0(scalars)
         mean_square = torch.einsum("nkc,k->n", rest.pow(2), self.degree_weights.to(x.dtype))
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
         weight = _expand_degrees(self.affine_weight, self.lmax, 1)  # [K-1, C]
@@ -86,12 +85,13 @@ class EquivariantRMSNormSH(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
-        scalars = x[:, :1] - x[:, :1].mean(dim=2, keepdim=True)
-        centred = torch.cat([scalars, x[:, 1:]], dim=1)  # [N, K, C]
+        scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
+        centred = torch.cat([scalars - scalars.mean(dim=2, keepdim=True), rest], dim=1)  # [N, K, C]
         mean_square = torch.einsum("nkc,k->n", centred.pow(2), self.degree_weights.to(x.dtype))
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
         out = centred * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
-        return torch.cat([out[:, :1] + self.affine_bias, out[:, 1:]], dim=1)
+        out_scalars, out_rest = out.split([1, out.shape[1] - 1], dim=1)
+        return torch.cat([out_scalars + self.affine_bias, out_rest], dim=1)
 
 
 NORMS = {

@@ -17,13 +17,50 @@ from .layout import SphericalLayout
 from .radial import RadialMLP
 
 
+class _ComplexLinear(torch.autograd.Function):
+    """``(W_r + i W_i)(x_r + i x_i)`` with three real matmuls instead of four (Gauss):
+    ``t1 = x_r W_r``, ``t2 = x_i W_i``, ``t3 = (x_r + x_i)(W_r + W_i)``; real part ``t1 - t2``,
+    imaginary part ``t3 - t1 - t2``. The backward needs three matmuls per gradient as well
+    (three for ``x``, three for the weights). Double backward works: with a graph requested the
+    backward is made of differentiable operations."""
+
+    @staticmethod
+    def forward(ctx, x, w_real, w_imag, w_sum):  # x [E, 2, K]; w_* [N, K] (w_sum = w_real + w_imag)
+        ctx.save_for_backward(x, w_real, w_imag, w_sum)
+        x_real, x_imag = x.unbind(1)  # [E, K] each
+        t1 = x_real @ w_real.T  # [E, N]
+        t2 = x_imag @ w_imag.T
+        out = x.new_empty(x.shape[0], 2, w_real.shape[0])
+        torch.mm(x_real + x_imag, w_sum.T, out=out[:, 1])
+        out[:, 1].sub_(t1).sub_(t2)
+        torch.sub(t1, t2, out=out[:, 0])
+        return out  # [E, 2, N]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [E, 2, N]
+        x, w_real, w_imag, w_sum = ctx.saved_tensors
+        x_real, x_imag = x.unbind(1)
+        g_real, g_imag = grad_out.unbind(1)
+        grad_t1 = g_real - g_imag  # dL/dt1; dL/dt2 = -(g_real + g_imag); dL/dt3 = g_imag
+        minus_grad_t2 = g_real + g_imag
+        shared = g_imag @ w_sum  # [E, K]
+        if torch.is_grad_enabled():
+            grad_x = torch.stack([shared + grad_t1 @ w_real, shared - minus_grad_t2 @ w_imag], 1)
+        else:
+            grad_x = torch.empty_like(x)
+            torch.addmm(shared, grad_t1, w_real, out=grad_x[:, 0])
+            torch.addmm(shared, minus_grad_t2, w_imag, alpha=-1, out=grad_x[:, 1])
+        grad_w_real = grad_t1.T @ x_real  # [N, K]
+        grad_w_imag = -(minus_grad_t2.T @ x_imag)
+        grad_w_sum = g_imag.T @ (x_real + x_imag)
+        return grad_x, grad_w_real, grad_w_imag, grad_w_sum
+
+
 class SO2OrderLinear(nn.Module):
     """The complex linear map of one order ``m > 0``: ``(W_r + i W_i)(x_{+m} + i x_{-m})``.
 
-    ``fc`` holds ``[W_r; W_i]`` (the released checkpoints' layout). The map is applied as one
-    real matmul with ``[[W_r, -W_i], [W_i, W_r]]`` on ``[x_{+m}, x_{-m}]``: the same multiply-adds
-    as ``fc`` on both rows, and the output comes out in place, with no recombination of four
-    partial products and no concatenation in either pass.
+    ``fc`` holds ``[W_r; W_i]`` (the released checkpoints' layout). The map costs three real
+    matmuls, not four (:class:`_ComplexLinear`).
 
     Shapes: ``x: [E, 2, D * C_in]`` (rows +m, -m; D = lmax - m + 1 degrees)
     -> ``[E, 2 * D, C_out]`` (+m degrees, then -m degrees)."""
@@ -34,17 +71,17 @@ class SO2OrderLinear(nn.Module):
         self.out_channels = out_channels
         self.fc = nn.Linear(num_degrees * in_channels, 2 * num_degrees * out_channels, bias=False)
 
-    def block_weight(self) -> torch.Tensor:
-        """``[[W_r, -W_i], [W_i, W_r]]``: ``[2 * D * C_out, 2 * D * C_in]``."""
-        w_real, w_imag = self.fc.weight.chunk(2, dim=0)  # [D * C_out, D * C_in] each
-        return torch.cat([torch.cat([w_real, -w_imag], 1), torch.cat([w_imag, w_real], 1)])
+    def complex_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``W_r, W_i, W_r + W_i``: ``[D * C_out, D * C_in]`` each."""
+        w_real, w_imag = self.fc.weight.chunk(2, dim=0)
+        return w_real, w_imag, w_real + w_imag
 
-    def forward(self, x: torch.Tensor, block_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``block_weight``: this module's :meth:`block_weight`, when the caller built it once
+    def forward(self, x: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``weights``: this module's :meth:`complex_weights`, when the caller built them once
         for several calls."""
-        if block_weight is None:
-            block_weight = self.block_weight()
-        y = nn.functional.linear(x.flatten(1), block_weight)  # [E, 2 * D * C_out]
+        if weights is None:
+            weights = self.complex_weights()
+        y = _ComplexLinear.apply(x, *weights)  # [E, 2, D * C_out]
         return y.view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
@@ -84,21 +121,21 @@ class SO2Convolution(nn.Module):
         if radial_channels is not None:
             self.rad_func = RadialMLP([*radial_channels, sum(self.radial_widths)])
 
-    def block_weights(self) -> list[torch.Tensor]:
-        """The ``m > 0`` maps' block weights, to build once for several calls of :meth:`forward`
-        on chunks of edges."""
-        return [conv.block_weight() for conv in self.so2_m_conv]
+    def order_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """The ``m > 0`` maps' :meth:`SO2OrderLinear.complex_weights`, to build once for several
+        calls of :meth:`forward` on chunks of edges."""
+        return [conv.complex_weights() for conv in self.so2_m_conv]
 
     def forward(
         self,
         x: torch.Tensor | Sequence[torch.Tensor],
         edge_scalars: torch.Tensor | None = None,
-        block_weights: list[torch.Tensor] | None = None,
+        order_weights: list[tuple[torch.Tensor, ...]] | None = None,
     ):
         orders = x.split(self.layout.order_rows, dim=1) if isinstance(x, torch.Tensor) else x
         num_edges = orders[0].shape[0]
-        if block_weights is None:
-            block_weights = self.block_weights()
+        if order_weights is None:
+            order_weights = self.order_weights()
         sizes = self.layout.order_sizes
         weights = None
         if self.rad_func is not None:
@@ -115,6 +152,6 @@ class SO2Convolution(nn.Module):
             x_m = orders[m].reshape(num_edges, 2, sizes[m] * self.in_channels)  # [E, 2, D * C_in]
             if weights is not None:
                 x_m = x_m * weights[m][:, None, :]
-            outputs.append(self.so2_m_conv[m - 1](x_m, block_weights[m - 1]))
+            outputs.append(self.so2_m_conv[m - 1](x_m, order_weights[m - 1]))
         out = torch.cat(outputs, dim=1)  # [E, K_e, C_out]
         return (out, extra) if self.extra_m0_channels else out
