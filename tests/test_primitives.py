@@ -148,6 +148,11 @@ def test_so2_order_map_equals_the_complex_product_with_first_and_second_derivati
 
     assert torch.autograd.gradcheck(apply, (x, weight))
     assert torch.autograd.gradgradcheck(apply, (x, weight))
+    # frozen weights (fine-tuning other parts, MD): only the feature gradient
+    frozen = weight.detach()
+    (grad_x,) = torch.autograd.grad(apply(x, frozen).pow(2).sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.pow(2).sum(), x)
+    torch.testing.assert_close(grad_x, expected_grad, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("norm_type", sorted(NORMS))

@@ -39,20 +39,26 @@ class _ComplexLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # [E, 2, N]
         x, w_real, w_imag, w_sum = ctx.saved_tensors
+        needs_x, needs_real, needs_imag, needs_sum = ctx.needs_input_grad
         x_real, x_imag = x.unbind(1)
         g_real, g_imag = grad_out.unbind(1)
         grad_t1 = g_real - g_imag  # dL/dt1; dL/dt2 = -(g_real + g_imag); dL/dt3 = g_imag
         minus_grad_t2 = g_real + g_imag
-        shared = g_imag @ w_sum  # [E, K]
-        if torch.is_grad_enabled():
-            grad_x = torch.stack([shared + grad_t1 @ w_real, shared - minus_grad_t2 @ w_imag], 1)
-        else:
-            grad_x = torch.empty_like(x)
-            torch.addmm(shared, grad_t1, w_real, out=grad_x[:, 0])
-            torch.addmm(shared, minus_grad_t2, w_imag, alpha=-1, out=grad_x[:, 1])
-        grad_w_real = grad_t1.T @ x_real  # [N, K]
-        grad_w_imag = -(minus_grad_t2.T @ x_imag)
-        grad_w_sum = g_imag.T @ (x_real + x_imag)
+        grad_x = grad_w_real = grad_w_imag = grad_w_sum = None
+        if needs_x:
+            shared = g_imag @ w_sum  # [E, K]
+            if torch.is_grad_enabled():
+                grad_x = torch.stack([shared + grad_t1 @ w_real, shared - minus_grad_t2 @ w_imag], 1)
+            else:
+                grad_x = torch.empty_like(x)
+                torch.addmm(shared, grad_t1, w_real, out=grad_x[:, 0])
+                torch.addmm(shared, minus_grad_t2, w_imag, alpha=-1, out=grad_x[:, 1])
+        if needs_real:
+            grad_w_real = grad_t1.T @ x_real  # [N, K]
+        if needs_imag:
+            grad_w_imag = -(minus_grad_t2.T @ x_imag)
+        if needs_sum:  # x_r + x_i again rather than an [E, K] tensor kept from the forward
+            grad_w_sum = g_imag.T @ (x_real + x_imag)
         return grad_x, grad_w_real, grad_w_imag, grad_w_sum
 
 
