@@ -54,6 +54,20 @@ def rotation_errors(model, batch, rotations):
     return worst_e, worst_f
 
 
+@pytest.mark.parametrize("config", [RELEASED_STYLE, GATE], ids=["grid_mlp_L4M2", "gate_L3M2"])
+def test_force_head_computes_exactly_the_degree_one_rows_of_the_whole_attention(config, slab_structures):
+    """The direct-force head computes only degree 1; the whole attention block on the same
+    inputs gives the same forces in its degree-1 rows."""
+    model = model_for(config)
+    seen = {}
+    model.force_block.register_forward_hook(lambda module, args, out: seen.update(args=args, out=out))
+    forces = model(to_batch(slab_structures, torch.float64))["forces"]
+    assert seen["out"].shape == (len(forces), 3, 1)
+    model.force_block.output_degree = None  # the same block, every degree
+    whole = model.force_block(*seen["args"])  # [N, K, 1]
+    torch.testing.assert_close(forces, whole[:, 1:4, 0], atol=1e-12, rtol=0)
+
+
 def test_exactly_equivariant_without_s2_grids_float64(slab_structures):
     """With gate activations (no S2 grid anywhere) every operation is exactly equivariant."""
     batch = to_batch(slab_structures, torch.float64)

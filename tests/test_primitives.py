@@ -155,6 +155,26 @@ def test_so2_order_map_equals_the_complex_product_with_first_and_second_derivati
     torch.testing.assert_close(grad_x, expected_grad, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("lmax,mmax", [(4, 2), (3, 3)])
+def test_so2_single_degree_outputs_equal_those_rows_of_the_full_convolution(lmax, mmax):
+    """A head that reads one degree gets exactly the rows the whole convolution would give it,
+    and the rotation back of those rows gives that degree's node rows."""
+    torch.manual_seed(5)
+    layout = SphericalLayout(lmax, mmax)
+    conv = SO2Convolution(layout, 6, 5, radial_channels=[3, 8], extra_m0_channels=4)
+    rotation = EdgeRotation.from_edge_vectors(torch.randn(9, 3), layout)
+    x, scalars = torch.randn(9, layout.num_edge_coefficients, 6), torch.randn(9, 3)
+    full, _ = conv(x, scalars)  # [E, K_e, 5]
+    node = rotation.from_edge(full)  # [E, K, 5]
+    for degree in range(lmax + 1):
+        rows = layout.degree_edge_rows(degree)
+        assert [layout.edge_lm[k] for k in rows][0] == (degree, 0) and len(rows) == 2 * min(degree, mmax) + 1
+        single = conv.forward_degree(x, degree, scalars)
+        torch.testing.assert_close(single, full[:, rows], atol=1e-12, rtol=0)
+        node_rows = node[:, degree**2 : (degree + 1) ** 2]
+        torch.testing.assert_close(rotation.from_edge_degree(single, degree), node_rows, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("norm_type", sorted(NORMS))
 def test_norms_are_equivariant(norm_type):
     torch.manual_seed(3)

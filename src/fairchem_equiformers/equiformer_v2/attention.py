@@ -109,7 +109,11 @@ class SO2GraphAttention(nn.Module):
     ``radial_channels = [F, hidden, hidden]``: the radial MLP's input and hidden sizes (F
     counts the distance basis and, when shared, the atom embeddings).
 
-    Shapes: ``x: [N, K, C] -> [N, K, output_channels]``.
+    ``output_degree``: compute only that degree's outputs (a direct-force head reads degree 1
+    alone): the value convolution, the rotation back and the projection skip every other row.
+
+    Shapes: ``x: [N, K, C] -> [N, K, output_channels]``, or ``[N, 2l+1, output_channels]``
+    with ``output_degree=l``.
     """
 
     def __init__(
@@ -130,9 +134,11 @@ class SO2GraphAttention(nn.Module):
         use_gate_act: bool,
         use_sep_s2_act: bool,
         alpha_drop: float,
+        output_degree: int | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
+        self.output_degree = output_degree
         self.num_heads = num_heads
         self.attn_alpha_channels = attn_alpha_channels
         self.attn_value_channels = attn_value_channels
@@ -191,13 +197,19 @@ class SO2GraphAttention(nn.Module):
         alpha = graph_softmax(torch.cat(logits), edges.edge_index[1], edges.num_nodes)  # [E, H]
         if self.alpha_dropout is not None:
             alpha = self.alpha_dropout(alpha)
-        aggregated = x.new_zeros(edges.num_nodes, x.shape[1], self.num_heads * self.attn_value_channels)
+        rows = x.shape[1] if self.output_degree is None else 2 * self.output_degree + 1
+        aggregated = x.new_zeros(edges.num_nodes, rows, self.num_heads * self.attn_value_channels)
         for chunk, value, chunk_alpha in zip(chunks, values, alpha.split([v.shape[0] for v in values])):
             value = value.view(value.shape[0], value.shape[1], self.num_heads, self.attn_value_channels)
-            value = (value * chunk_alpha[:, None, :, None]).flatten(2)  # [e, K_e, H * V]
-            value = chunk.rotation.from_edge(value)  # [e, K, H * V]
-            aggregated.index_add_(0, chunk.edge_index[1], value)  # [N, K, H * V]
-        return self.proj(aggregated)
+            value = (value * chunk_alpha[:, None, :, None]).flatten(2)  # [e, K_e (or 2m+1), H * V]
+            if self.output_degree is None:
+                value = chunk.rotation.from_edge(value)  # [e, K, H * V]
+            else:
+                value = chunk.rotation.from_edge_degree(value, self.output_degree)  # [e, 2l+1, H * V]
+            aggregated.index_add_(0, chunk.edge_index[1], value)
+        if self.output_degree is None:
+            return self.proj(aggregated)
+        return self.proj.forward_degree(aggregated, self.output_degree)
 
     def _messages(
         self,
@@ -206,7 +218,8 @@ class SO2GraphAttention(nn.Module):
         order_weights_1: list[tuple[torch.Tensor, ...]],
         order_weights_2: list[tuple[torch.Tensor, ...]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values ``[E, K_e, H * V]`` (edge frame) and attention logits ``[E, H]`` of ``edges``.
+        """Values ``[E, K_e, H * V]`` (edge frame; only ``output_degree``'s rows when set) and
+        attention logits ``[E, H]`` of ``edges``.
         ``order_weights_*``: the SO(2) convolutions' order weights, built once per forward."""
         edge_scalars = with_element_embeddings(
             edges.edge_scalars, self.source_embedding, self.target_embedding, edges
@@ -230,7 +243,10 @@ class SO2GraphAttention(nn.Module):
             message = self.s2_act(gates, message)
         else:
             message = self.s2_act(message)
-        value = self.so2_conv_2(message, order_weights=order_weights_2)  # [E, K_e, H * V]
+        if self.output_degree is None:
+            value = self.so2_conv_2(message, order_weights=order_weights_2)  # [E, K_e, H * V]
+        else:
+            value = self.so2_conv_2.forward_degree(message, self.output_degree)  # [E, 2m+1, H * V]
 
         alpha = self.alpha_act(
             self.alpha_norm(alpha_inputs.view(-1, self.num_heads, self.attn_alpha_channels))

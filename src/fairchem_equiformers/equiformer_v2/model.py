@@ -193,12 +193,12 @@ class EquiformerV2(nn.Module, GraphModelMixin):
             block_atom_edge_embedding, avg_degree or AVG_DEGREE,
         )  # fmt: skip
 
-        def attention(output_channels: int, alpha_drop: float) -> SO2GraphAttention:
+        def attention(output_channels: int, alpha_drop: float, output_degree: int | None = None):
             return SO2GraphAttention(
                 self.layout, self.edge_grid, sphere_channels, attn_hidden_channels, num_heads,
                 attn_alpha_channels, attn_value_channels, output_channels, max_num_elements,
                 radial_channels, block_atom_edge_embedding, use_m_share_rad, use_attn_renorm,
-                use_gate_act, use_sep_s2_act, alpha_drop,
+                use_gate_act, use_sep_s2_act, alpha_drop, output_degree,
             )  # fmt: skip
 
         def feed_forward(output_channels: int) -> FeedForward:
@@ -221,7 +221,8 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         )
         self.norm = equivariant_norm(norm_type, lmax, sphere_channels)
         self.energy_block = feed_forward(1)
-        self.force_block = attention(1, 0.0) if regress_forces and direct_forces else None
+        # the forces are the degree-1 output: the head computes nothing else
+        self.force_block = attention(1, 0.0, output_degree=1) if regress_forces and direct_forces else None
         if load_energy_lin_ref:
             self.energy_lin_ref = nn.Parameter(torch.zeros(max_num_elements), requires_grad=False)
 
@@ -343,7 +344,7 @@ class EquiformerV2(nn.Module, GraphModelMixin):
                 volume = torch.linalg.det(data.cell).abs()  # [B]
                 outputs["stress"] = (gradients[1] / volume[:, None, None]).reshape(num_graphs, 9)
         elif self.regress_forces:
-            outputs["forces"] = self.force_block(x, edges)[:, 1:4, 0].contiguous()  # [N, 3]
+            outputs["forces"] = self.force_block(x, edges)[:, :, 0].contiguous()  # [N, 3]
         return outputs
 
     @property

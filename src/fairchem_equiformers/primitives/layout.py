@@ -63,6 +63,11 @@ class SphericalLayout:
     def edge_index_of(self, l: int, m: int) -> int:
         return self.edge_lm.index((l, m))
 
+    def degree_edge_rows(self, l: int) -> list[int]:
+        """Edge-layout rows of degree ``l``, in edge-layout order: ``m = 0``, then ``+m, -m``
+        for ``m = 1..min(l, mmax)``."""
+        return [k for k, (degree, _) in enumerate(self.edge_lm) if degree == l]
+
     @cached_property
     def order_sizes(self) -> list[int]:
         """Number of degrees carrying order m (for m = 0..mmax): ``lmax - m + 1``."""

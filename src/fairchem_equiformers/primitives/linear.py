@@ -30,5 +30,10 @@ class SO3Linear(nn.Module):
         parts += [x_l @ self.weight[l].T for l, x_l in enumerate(degrees) if l > 0]  # [N, 2l+1, C_out]
         return torch.cat(parts, dim=1)
 
+    def forward_degree(self, x_l: torch.Tensor, degree: int) -> torch.Tensor:
+        """One degree's rows: ``[N, 2l+1, C_in] -> [N, 2l+1, C_out]``."""
+        out = x_l @ self.weight[degree].T
+        return out + self.bias if degree == 0 else out
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, lmax={self.lmax}"

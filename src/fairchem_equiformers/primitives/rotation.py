@@ -9,7 +9,6 @@ from .blocks import row_blocks
 from .layout import SphericalLayout
 from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
 
-
 # Features gathered per step of the fused gather and rotation (floats): a cache-sized block.
 GATHER_BLOCK_ELEMENTS = 1 << 20
 
@@ -136,6 +135,13 @@ class EdgeRotation:
     def from_edge(self, y: torch.Tensor) -> torch.Tensor:
         """``[E, K_e, C]`` edge layout -> ``[E, K, C]`` node layout (with truncation rescale)."""
         return self.from_edge_matrix @ y
+
+    def from_edge_degree(self, y_l: torch.Tensor, degree: int) -> torch.Tensor:
+        """One degree's edge-layout rows ``[E, 2 * min(l, mmax) + 1, C]`` (ordered as
+        :meth:`SphericalLayout.degree_edge_rows`) -> its node-layout rows ``[E, 2l+1, C]``."""
+        rows = slice(degree * degree, (degree + 1) ** 2)
+        columns = self.layout.degree_edge_rows(degree)
+        return self.from_edge_matrix[:, rows, columns] @ y_l
 
     def from_edge_m0(self, y_m0: torch.Tensor) -> torch.Tensor:
         """Only ``m = 0`` components ``[E, lmax+1, C]`` (the edge layout's first rows)

@@ -132,32 +132,52 @@ class SO2Convolution(nn.Module):
         calls of :meth:`forward` on chunks of edges."""
         return [conv.complex_weights() for conv in self.so2_m_conv]
 
+    def _order_inputs(
+        self, x: torch.Tensor | Sequence[torch.Tensor], edge_scalars: torch.Tensor | None
+    ) -> list[torch.Tensor]:
+        """Each order's input rows flattened (and weighted by the radial MLP, if any):
+        ``[E, (lmax+1) * C_in]`` for m = 0, ``[E, 2, D * C_in]`` (+m, -m) for m > 0."""
+        orders = x.split(self.layout.order_rows, dim=1) if isinstance(x, torch.Tensor) else x
+        num_edges = orders[0].shape[0]
+        sizes = self.layout.order_sizes
+        inputs = [orders[0].reshape(num_edges, sizes[0] * self.in_channels)]
+        inputs += [orders[m].reshape(num_edges, 2, sizes[m] * self.in_channels) for m in range(1, len(sizes))]
+        if self.rad_func is not None:
+            weights = self.rad_func(edge_scalars).split(self.radial_widths, dim=1)
+            inputs = [inputs[0] * weights[0]] + [x * w[:, None, :] for x, w in zip(inputs[1:], weights[1:])]
+        return inputs
+
     def forward(
         self,
         x: torch.Tensor | Sequence[torch.Tensor],
         edge_scalars: torch.Tensor | None = None,
         order_weights: list[tuple[torch.Tensor, ...]] | None = None,
     ):
-        orders = x.split(self.layout.order_rows, dim=1) if isinstance(x, torch.Tensor) else x
-        num_edges = orders[0].shape[0]
+        inputs = self._order_inputs(x, edge_scalars)
+        num_edges = inputs[0].shape[0]
         if order_weights is None:
             order_weights = self.order_weights()
-        sizes = self.layout.order_sizes
-        weights = None
-        if self.rad_func is not None:
-            weights = self.rad_func(edge_scalars).split(self.radial_widths, dim=1)
-
-        x_0 = orders[0].reshape(num_edges, sizes[0] * self.in_channels)  # [E, (lmax+1) * C_in]
-        if weights is not None:
-            x_0 = x_0 * weights[0]
-        y_0 = self.fc_m0(x_0)
+        y_0 = self.fc_m0(inputs[0])
         extra, y_0 = y_0.split([self.extra_m0_channels, y_0.shape[1] - self.extra_m0_channels], 1)
-        outputs = [y_0.view(num_edges, sizes[0], self.out_channels)]
-
-        for m in range(1, self.layout.mmax + 1):
-            x_m = orders[m].reshape(num_edges, 2, sizes[m] * self.in_channels)  # [E, 2, D * C_in]
-            if weights is not None:
-                x_m = x_m * weights[m][:, None, :]
-            outputs.append(self.so2_m_conv[m - 1](x_m, order_weights[m - 1]))
+        outputs = [y_0.view(num_edges, self.layout.order_sizes[0], self.out_channels)]
+        for conv, x_m, weights in zip(self.so2_m_conv, inputs[1:], order_weights):
+            outputs.append(conv(x_m, weights))
         out = torch.cat(outputs, dim=1)  # [E, K_e, C_out]
         return (out, extra) if self.extra_m0_channels else out
+
+    def forward_degree(
+        self, x: torch.Tensor | Sequence[torch.Tensor], degree: int, edge_scalars: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Only the outputs of one degree, ``[E, 2 * min(degree, mmax) + 1, C_out]`` (rows
+        :meth:`SphericalLayout.degree_edge_rows`): the values of those rows of :meth:`forward`,
+        with only the weight rows that produce them (a head that reads one degree skips the
+        rest of the convolution)."""
+        inputs = self._order_inputs(x, edge_scalars)
+        c_out, start = self.out_channels, self.extra_m0_channels + degree * self.out_channels
+        weight, bias = self.fc_m0.weight[start : start + c_out], self.fc_m0.bias[start : start + c_out]
+        outputs = [nn.functional.linear(inputs[0], weight, bias)[:, None]]  # [E, 1, C_out]
+        for m in range(1, min(degree, self.layout.mmax) + 1):
+            start = (degree - m) * c_out  # degree l is the (l - m)-th degree of order m
+            w_real, w_imag = (w[start : start + c_out] for w in self.so2_m_conv[m - 1].fc.weight.chunk(2))
+            outputs.append(_ComplexLinear.apply(inputs[m], w_real, w_imag, w_real + w_imag))  # [E, 2, C_out]
+        return torch.cat(outputs, dim=1)
