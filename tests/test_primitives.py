@@ -267,9 +267,10 @@ def test_chunked_grid_silu_equals_the_plain_expression_with_first_and_second_der
 
 
 def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_derivatives(monkeypatch):
-    """The feed-forward grid MLP runs a few rows at a time and recomputes its grid activations
-    in the backward: same values as from_grid(mlp(to_grid(x))) and exact gradients for the
-    input and the three weights (also second order)."""
+    """The feed-forward grid MLP applies its first and last layers on the coefficients, runs the
+    rest a few rows at a time and recomputes its grid activations in the backward: same values
+    as from_grid(mlp(to_grid(x))) and exact gradients for the input and the three weights (also
+    second order)."""
     from torch import nn
 
     from fairchem_equiformers.primitives import activation
@@ -279,19 +280,21 @@ def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_deri
     mlp = nn.Sequential(
         nn.Linear(3, 4, bias=False),
         nn.SiLU(),
-        nn.Linear(4, 4, bias=False),
+        nn.Linear(4, 5, bias=False),
         nn.SiLU(),
-        nn.Linear(4, 4, bias=False),
+        nn.Linear(5, 2, bias=False),
     ).double()
     x = torch.randn(5, 9, 3, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(activation, "GRID_CHUNK_ELEMENTS", 2 * 36 * 4)  # 2 rows per chunk
+    monkeypatch.setattr(activation, "GRID_CHUNK_ELEMENTS", 2 * 36 * 5)  # 2 rows per chunk
     plain = grid.from_grid(mlp(grid.to_grid(x)))
     torch.testing.assert_close(activation.grid_mlp(grid, mlp, x), plain, rtol=1e-14, atol=1e-14)
 
     def chunked(x, w1, w2, w3):
-        return activation._GridMLP.apply(x, grid.to_grid_matrix, grid.from_grid_matrix.T, w1, w2, w3)
+        for layer, weight in zip(mlp[::2], (w1, w2, w3)):
+            layer.weight = weight
+        return activation.grid_mlp(grid, mlp, x)
 
-    inputs = (x, mlp[0].weight, mlp[2].weight, mlp[4].weight)
+    inputs = (x, *(nn.Parameter(layer.weight.detach().clone()) for layer in mlp[::2]))
     assert torch.autograd.gradcheck(chunked, inputs)
     assert torch.autograd.gradgradcheck(chunked, inputs)
 

@@ -189,6 +189,17 @@ class SO2GraphAttention(nn.Module):
 
         self.so2_conv_2 = SO2Convolution(layout, hidden_channels, num_heads * attn_value_channels)
         self.proj = SO3Linear(num_heads * attn_value_channels, output_channels, lmax=lmax)
+        if output_degree is not None:
+            # weights that cannot reach that degree stay (checkpoints carry them) but are frozen:
+            # no gradient is expected for them (DistributedDataParallel requires every trainable
+            # parameter to get one)
+            unreachable = [
+                p for conv in self.so2_conv_2.so2_m_conv[output_degree:] for p in conv.parameters()
+            ]
+            if output_degree > 0:
+                unreachable.append(self.proj.bias)
+            for parameter in unreachable:
+                parameter.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, edges: EdgeContext) -> torch.Tensor:
         chunks = edges.chunks(x.shape[1] * 2 * x.shape[2] * x.element_size())

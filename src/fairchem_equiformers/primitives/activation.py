@@ -95,48 +95,50 @@ def grid_silu(grid: S2Grid, x: torch.Tensor) -> torch.Tensor:
     return _GridSiLU.apply(rows, to_grid, from_grid_t).view(x.shape)
 
 
-class _GridMLP(torch.autograd.Function):
-    """``from_grid(W3 silu(W2 silu(W1 to_grid(x))))``: the point-wise MLP on the grid, a chunk of
-    rows at a time, with a backward that recomputes each chunk's grid activations instead of
-    storing five ``[B, G, H]`` tensors. Weights are ``nn.Linear`` weights (``[out, in]``, no
-    bias). Double backward works (differentiable operations when a graph is requested)."""
+class _GridMLPCore(torch.autograd.Function):
+    """``from_grid(silu(W2 silu(to_grid(h))))``: the grid MLP's part that needs the grid, a
+    chunk of rows at a time, with a backward that recomputes each chunk's grid activations
+    instead of storing ``[B, G, H]`` tensors. ``w2`` is an ``nn.Linear`` weight (``[out, in]``,
+    no bias). Double backward works (differentiable operations when a graph is requested)."""
 
     @staticmethod
-    def forward(ctx, x, to_grid, from_grid_t, w1, w2, w3):  # x [B, K, C]
-        ctx.save_for_backward(x, to_grid, from_grid_t, w1, w2, w3)
-        out = x.new_empty(x.shape[0], from_grid_t.shape[0], w3.shape[0])
-        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * max(w1.shape)):
-            hidden = nn.functional.silu(nn.functional.linear(to_grid @ x[rows], w1), inplace=True)
-            hidden = nn.functional.silu(nn.functional.linear(hidden, w2), inplace=True)
-            torch.matmul(from_grid_t, nn.functional.linear(hidden, w3), out=out[rows])
+    def forward(ctx, h, to_grid, from_grid_t, w2):  # h [B, K, H]
+        ctx.save_for_backward(h, to_grid, from_grid_t, w2)
+        out = h.new_empty(h.shape[0], from_grid_t.shape[0], w2.shape[0])
+        for rows in _row_chunks(h.shape[0], to_grid.shape[0] * max(w2.shape)):
+            act_1 = nn.functional.silu(to_grid @ h[rows], inplace=True)  # [b, G, H]
+            act_2 = nn.functional.silu(nn.functional.linear(act_1, w2), inplace=True)
+            torch.matmul(from_grid_t, act_2, out=out[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # [B, K, H]
-        x, to_grid, from_grid_t, w1, w2, w3 = ctx.saved_tensors
-        grad_x, grad_w1, grad_w2, grad_w3 = [], 0, 0, 0
-        for rows in _row_chunks(x.shape[0], to_grid.shape[0] * max(w1.shape)):
-            values = to_grid @ x[rows]  # [b, G, C]
-            pre_1 = nn.functional.linear(values, w1)  # [b, G, H]
+        h, to_grid, from_grid_t, w2 = ctx.saved_tensors
+        grad_h, grad_w2 = [], 0
+        for rows in _row_chunks(h.shape[0], to_grid.shape[0] * max(w2.shape)):
+            pre_1 = to_grid @ h[rows]  # [b, G, H]
             act_1 = nn.functional.silu(pre_1)
             pre_2 = nn.functional.linear(act_1, w2)
-            act_2 = nn.functional.silu(pre_2)
-            grad_pre_3 = from_grid_t.T @ grad_out[rows]  # [b, G, H]
-            grad_w3 = grad_w3 + grad_pre_3.flatten(0, 1).T @ act_2.flatten(0, 1)
-            grad_pre_2 = _silu_grad(grad_pre_3 @ w3, pre_2)
+            grad_pre_2 = _silu_grad(from_grid_t.T @ grad_out[rows], pre_2)  # [b, G, H]
             grad_w2 = grad_w2 + grad_pre_2.flatten(0, 1).T @ act_1.flatten(0, 1)
             grad_pre_1 = _silu_grad(grad_pre_2 @ w2, pre_1)
-            grad_w1 = grad_w1 + grad_pre_1.flatten(0, 1).T @ values.flatten(0, 1)
-            grad_x.append(to_grid.T @ (grad_pre_1 @ w1))  # [b, K, C]
-        return torch.cat(grad_x), None, None, grad_w1, grad_w2, grad_w3
+            grad_h.append(to_grid.T @ grad_pre_1)  # [b, K, H]
+        return torch.cat(grad_h), None, None, grad_w2
 
 
 def grid_mlp(grid: S2Grid, mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``mlp`` (Linear, SiLU, Linear, SiLU, Linear; no biases) at every grid point of the
-    function ``x: [N, K, C]``, projected back: ``[N, K, H]``."""
+    function ``x: [N, K, C]``, projected back: ``[N, K, H]``.
+
+    The grid transforms act on the coefficients and the linear layers on the channels, so the
+    first layer is applied before ``to_grid`` and the last after ``from_grid``: on ``K``
+    coefficients instead of ``G`` grid points (at L4 on an 18 x 18 grid, 25 rather than 324),
+    the same function. Only the middle layer, between the two SiLUs, runs on the grid."""
     to_grid = grid.to_grid_matrix.to(x.dtype)
     from_grid_t = grid.from_grid_matrix.to(x.dtype).T
-    return _GridMLP.apply(x, to_grid, from_grid_t, mlp[0].weight, mlp[2].weight, mlp[4].weight)
+    hidden = nn.functional.linear(x, mlp[0].weight)  # [N, K, H]
+    hidden = _GridMLPCore.apply(hidden, to_grid, from_grid_t, mlp[2].weight)  # [N, K, H]
+    return nn.functional.linear(hidden, mlp[4].weight)
 
 
 class S2Activation(nn.Module):
