@@ -6,7 +6,8 @@
 section. The console script is ``fairchem-equiformers-data`` (``cli``).
 """
 
-from .build import BuildReport, build_emt_dataset, convert_user_data
+from .build import BuildReport, build_emt_dataset
+from .convert import convert_user_data
 from .errors import DataBuildError
 
 __all__ = ["BuildReport", "DataBuildError", "build_emt_dataset", "convert_user_data"]

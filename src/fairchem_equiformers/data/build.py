@@ -1,6 +1,6 @@
-"""The two dataset builds: EMT-generated adsorbate/slab data, and conversion of the user's files.
+"""The EMT dataset build (adsorbate/slab data), and what every dataset build shares.
 
-Both write, under ``out``::
+Every build writes, under ``out``::
 
     s2ef/{train,val,test}/data.lmdb, metadata.npz   S2EF frames (y, force, ...)
     is2re/{train,val,test}/...                      EMT only: IS2RE/IS2RS records
@@ -29,11 +29,10 @@ from .emt import SystemFrames, draw_spec, generate_system, system_rng
 from .errors import DataBuildError
 from .lmdb_writer import SplitWriters
 from .oc20_format import is2re_data, s2ef_data
-from .output import check_output, staged_output, write_dataset_config, write_manifest
+from .output import staged_output, write_dataset_config, write_manifest
 from .references import KEY_MAPPING, write_references
 from .slabs import METALS, relaxed_clean_slab
 from .splits import assign_splits, present_splits
-from .user_data import count_frames, read_frames
 
 DEFAULT_NUM_SYSTEMS = 200
 DEFAULT_MAX_FORCE = 20.0  # eV/A
@@ -51,6 +50,7 @@ class BuildReport:
     dropped_frames: int = 0
     is2re_excluded: int = 0
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of the costly stages
+    notes: list[str] = field(default_factory=list)  # summary lines the CLI prints (``convert``)
 
 
 def check_choices(given: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:
@@ -74,16 +74,24 @@ def worker_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator
 
 
 def _finish(
-    stage: Path, out: Path, splits: list[str], counts: dict[str, int], seed: int, manifest: dict[str, Any]
+    stage: Path,
+    out: Path,
+    splits: list[str],
+    counts: dict[str, int],
+    seed: int,
+    manifest: dict[str, Any],
+    element_energies: dict[int, float] | None = None,
+    stress: bool = False,
 ) -> dict[str, Path]:
-    """Fit references on the train split (if any), write the manifest and config snippet.
-
-    Returns the written files by name, as paths under ``out``.
+    """Write the references of the train split (if any; see ``references``), the manifest and
+    the config snippet. Returns the written files by name, as paths under ``out``.
     """
     files = {}
     if "train" in splits:
         train = stage / "s2ef" / "train"
-        files["element_references"], files["normalizers"] = write_references(stage, train, seed)
+        files["element_references"], files["normalizers"] = write_references(
+            stage, train, seed, element_energies, stress
+        )
     manifest = {**manifest, "counts": counts, "key_mapping": KEY_MAPPING}
     files["manifest"] = write_manifest(stage, manifest)
     files["dataset_config"] = write_dataset_config(stage, out, splits)
@@ -203,54 +211,3 @@ def _write_system(
         is2re.add(split, is2re_data(initial.atoms, relaxed.atoms, initial.energy, relaxed.energy, sid=sid))
     else:
         report.is2re_excluded += 1
-
-
-def convert_user_data(
-    input_path: Path,
-    out: Path,
-    *,
-    seed: int = 0,
-    val_fraction: float = DEFAULT_VAL_FRACTION,
-    test_fraction: float = DEFAULT_TEST_FRACTION,
-    energy_key: str | None = None,
-    forces_key: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> BuildReport:
-    """Convert every frame of ``input_path`` (``user_data`` module) to S2EF LMDBs, split by frame.
-
-    Frame ``i`` of the file gets ``sid = i`` and ``fid = 0``; the split is a seeded permutation of
-    the frames (frames of one trajectory may land in different splits).
-    """
-    if not input_path.is_file():
-        raise DataBuildError(f"input file not found: {input_path}")
-    check_output(out, overwrite)  # before the slow validation of every frame
-    num_frames = count_frames(input_path, energy_key, forces_key)
-    split_of = assign_splits(num_frames, val_fraction, test_fraction, seed)
-    if split_of.count("train") == 1:
-        raise DataBuildError(
-            f"{num_frames} frames give 1 training frame; fitting the references needs at least 2"
-        )
-    splits = present_splits(split_of)
-    report = BuildReport(out=out, counts={}, files={})
-    with staged_output(out, overwrite) as stage:
-        writers = SplitWriters(stage, "s2ef", splits)
-        try:
-            frames = read_frames(input_path, energy_key, forces_key)
-            for sid, frame in enumerate(tqdm(frames, total=num_frames, desc="frames", disable=not progress)):
-                writers.add(split_of[sid], s2ef_data(frame.atoms, frame.energy, frame.forces, sid=sid, fid=0))
-        except BaseException:
-            writers.abort()
-            raise
-        report.counts = writers.close()
-        manifest = {
-            "source": "convert",
-            "input": str(input_path),
-            "seed": seed,
-            "val_fraction": val_fraction,
-            "test_fraction": test_fraction,
-            "energy": {"y": "the input's energy (eV), unreferenced", "energy_key": energy_key},
-            "forces_key": forces_key,
-        }
-        report.files = _finish(stage, out, splits, report.counts, seed, manifest)
-    return report

@@ -1,7 +1,8 @@
 """``fairchem-equiformers-data``: build the embedded EMT dataset or convert the user's own data.
 
     fairchem-equiformers-data emt --out data/emt [--seed 0] [--num-systems 200] [--workers 2]
-    fairchem-equiformers-data convert --input my.extxyz --out data/mine [--val-fraction 0.1]
+    fairchem-equiformers-data convert --input 'runs/*.extxyz' --out data/mine [--test-input test.xyz]
+        [--split-by file|frame|info:KEY] [--isolated-atoms e0s.xyz] [--skip-bad-frames]
     fairchem-equiformers-data md17 --molecule aspirin --out data/md17/aspirin [--num-frames 2000]
     fairchem-equiformers-data qm9 --out data/qm9 [--conformers 3000] [--rattle 0.05]
 
@@ -24,8 +25,8 @@ from .build import (
     DEFAULT_VAL_FRACTION,
     BuildReport,
     build_emt_dataset,
-    convert_user_data,
 )
+from .convert import convert_user_data
 from .errors import DataBuildError
 from .molecules import MD17_MOLECULES, build_md17_dataset
 from .qm9 import DEFAULT_CONFORMERS, DEFAULT_RATTLE, build_qm9_dataset
@@ -44,12 +45,12 @@ def _available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    """Options shared by both subcommands."""
+def _add_common(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Options shared by the subcommands that split (``defaults=False``: fractions default to None)."""
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (systems and splits)")
-    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
-    parser.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION if defaults else None)
+    parser.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION if defaults else None)
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is a dataset written by this tool"
     )
@@ -78,11 +79,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=_available_cpus(), help="processes (the data does not depend on it)"
     )
 
-    convert = commands.add_parser("convert", help="convert a labelled file ASE reads (extxyz, db, traj)")
-    _add_common(convert)
-    convert.add_argument("--input", type=Path, required=True, help="file with energies and forces")
+    convert = commands.add_parser(
+        "convert",
+        help="convert labelled files ASE reads (extxyz, db, traj, OUTCAR, ...)",
+        description="Fractions are of the training files' groups (default 0.1 each, 0 for a split given "
+        "by its own files); groups are whole input files unless --split-by says otherwise.",
+    )
+    _add_common(convert, defaults=False)
+    convert.add_argument("--input", nargs="+", required=True, help="training files or globs (quote globs)")
+    convert.add_argument("--val-input", nargs="+", default=[], help="validation files (not split further)")
+    convert.add_argument("--test-input", nargs="+", default=[], help="test files (not split further)")
+    convert.add_argument(
+        "--split-by",
+        default="file",
+        help="file (default: whole input files), info:KEY (frames sharing atoms.info[KEY], e.g. a trajectory "
+        "id) or frame (frames at random: frames of one MD run land in several splits)",
+    )
+    convert.add_argument(
+        "--isolated-atoms", type=Path, help="single-atom frames with energies: the element reference (E0s)"
+    )
     convert.add_argument("--energy-key", help="read energies from atoms.info[KEY] instead of the calculator")
     convert.add_argument("--forces-key", help="read forces from atoms.arrays[KEY] instead of the calculator")
+    convert.add_argument("--stress-key", help="read the stress (eV/A^3, ASE's sign) from atoms.info[KEY]")
+    convert.add_argument(
+        "--skip-bad-frames", action="store_true", help="leave out bad frames (listed) instead of stopping"
+    )
 
     md17 = commands.add_parser("md17", help="MD17-style GFN2-xTB (tblite) trajectories of one small molecule")
     md17.add_argument("--out", type=Path, required=True, help="output folder (must not exist)")
@@ -150,13 +171,25 @@ def run(args: argparse.Namespace) -> BuildReport:
             **common,
         )
     return convert_user_data(
-        args.input, args.out, energy_key=args.energy_key, forces_key=args.forces_key, **common
+        args.input,
+        args.out,
+        val_inputs=args.val_input,
+        test_inputs=args.test_input,
+        split_by=args.split_by,
+        isolated_atoms=args.isolated_atoms,
+        energy_key=args.energy_key,
+        forces_key=args.forces_key,
+        stress_key=args.stress_key,
+        skip_bad_frames=args.skip_bad_frames,
+        **common,
     )
 
 
 def print_report(report: BuildReport, max_force: float | None) -> None:
     """Print the entries per split and where each output went."""
     print(f"dataset written to {report.out}")
+    for line in report.notes:
+        print(f"  {line}")
     for name, count in report.counts.items():
         unit = {"is2re": "systems", "properties": "conformers"}.get(name.split("/")[0], "frames")
         print(f"  {name:<12} {count:>7} {unit:<8} {report.out / name}")

@@ -14,12 +14,14 @@ class Frame:
 
     ``atoms`` carries positions (A), cell, pbc, tags and ``FixAtoms``; ``energy`` is in eV (the
     adsorption energy for EMT systems, the file's energy for user data); ``forces`` is [N, 3] in
-    eV/A on every atom, fixed ones included.
+    eV/A on every atom, fixed ones included; ``stress`` (periodic user data only) is [3, 3] in
+    eV/A^3 with ASE's sign, or ``None``.
     """
 
     atoms: Atoms
     energy: float
     forces: np.ndarray
+    stress: np.ndarray | None = None
 
     def max_force_norm(self) -> float:
         """Largest per-atom force norm (eV/A)."""

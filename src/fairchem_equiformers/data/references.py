@@ -7,10 +7,15 @@ fairchem's trainer itself saves and ``load_references_from_config`` /
     element_references.pt  {"energy": LinearReferences}  # eV per atom of each element
     normalizers.pt         {"energy": Normalizer, "forces": Normalizer}
 
-The linear reference is fitted on the train split's energies (least squares of energy against
-element counts). The energy normalizer is fitted on the referenced energies (energy minus the
-linear reference), as the trainer normalizes them; the forces normalizer has mean 0 (forces are
-vectors) and the RMS of the force components (eV/A).
+The element reference is either given (isolated-atom energies, eV per atom of each element) or
+fitted on the train split's energies (least squares of energy against element counts).
+
+One scale for every target: energy, forces and stress are divided by the same number, the RMS of
+the train split's force vectors (eV/A; fairchem's fit of the forces normalizer), so that a model whose
+forces are ``-dE/dpos`` (and stress ``(1/V) dE/d(strain)``) in normalized units has them so in eV
+too (the trainer denormalizes each target with its own normalizer; fairchem's OC20 configs use one
+scale for energy and forces for the same reason). The energy normalizer's mean is the mean of the
+referenced energies (energy minus the element reference); forces and stress have mean 0.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ KEY_MAPPING = {"y": "energy", "force": "forces"}
 ELEMENT_REFERENCES_FILE = "element_references.pt"
 NORMALIZERS_FILE = "normalizers.pt"
 FIT_BATCH_SIZE = 64
+MAX_NUM_ELEMENTS = 118  # the size of fairchem's LinearReferences table
 
 
 def s2ef_dataset(src: Path) -> LmdbDataset:
@@ -33,23 +39,45 @@ def s2ef_dataset(src: Path) -> LmdbDataset:
     return LmdbDataset({"src": str(src), "key_mapping": dict(KEY_MAPPING)})
 
 
-def fit_references(train_src: Path, seed: int) -> tuple[dict[str, LinearReferences], dict[str, Normalizer]]:
-    """Fit the ``energy`` linear reference, then the ``energy``/``forces`` normalizers, on ``train_src``."""
+def fit_references(
+    train_src: Path, seed: int, element_energies: dict[int, float] | None = None, stress: bool = False
+) -> tuple[dict[str, LinearReferences], dict[str, Normalizer]]:
+    """The ``energy`` element reference (``element_energies`` by atomic number, or fitted), then the
+    normalizers of ``energy``, ``forces`` (and ``stress``) with one scale, on ``train_src``."""
     dataset = s2ef_dataset(train_src)
     common = {"dataset": dataset, "batch_size": FIT_BATCH_SIZE, "shuffle": False, "seed": seed}
-    element_references = fit_linear_references(targets=["energy"], **common)
-    normalizers = fit_normalizers(
+    if element_energies is None:
+        element_references = fit_linear_references(targets=["energy"], **common)
+    else:
+        values = torch.zeros(MAX_NUM_ELEMENTS + 1, dtype=torch.float64)
+        for z, energy in element_energies.items():
+            values[z] = energy
+        element_references = {"energy": LinearReferences(element_references=values)}
+    fitted = fit_normalizers(
         targets=["energy", "forces"],
         override_values={"forces": {"mean": 0.0}},
         element_references=element_references,
         **common,
     )
+    scale = float(fitted["forces"].rmsd)
+    normalizers = {
+        "energy": Normalizer(mean=float(fitted["energy"].mean), rmsd=scale),
+        "forces": Normalizer(mean=0.0, rmsd=scale),
+    }
+    if stress:
+        normalizers["stress"] = Normalizer(mean=0.0, rmsd=scale)
     return element_references, normalizers
 
 
-def write_references(root: Path, train_src: Path, seed: int) -> tuple[Path, Path]:
-    """Fit on ``train_src`` and save ``element_references.pt`` and ``normalizers.pt`` in ``root``."""
-    element_references, normalizers = fit_references(train_src, seed)
+def write_references(
+    root: Path,
+    train_src: Path,
+    seed: int,
+    element_energies: dict[int, float] | None = None,
+    stress: bool = False,
+) -> tuple[Path, Path]:
+    """Save ``element_references.pt`` and ``normalizers.pt`` for ``train_src`` in ``root``."""
+    element_references, normalizers = fit_references(train_src, seed, element_energies, stress)
     references_path = root / ELEMENT_REFERENCES_FILE
     normalizers_path = root / NORMALIZERS_FILE
     torch.save(element_references, references_path)
