@@ -21,6 +21,7 @@ from torch import nn
 from fairchem_equiformers.primitives import (
     GaussianBasis,
     PolynomialEnvelope,
+    check_common_model_keys,
     check_structures,
     equivariant_norm,
     radius_graph_nonperiodic,
@@ -113,6 +114,11 @@ class E2Former(nn.Module, GraphModelMixin):
         enforce_max_neighbors_strictly: bool = True,
     ) -> None:
         super().__init__()
+        check_common_model_keys(
+            use_pbc=use_pbc, use_pbc_single=use_pbc_single, otf_graph=otf_graph,
+            regress_forces=regress_forces, enforce_max_neighbors_strictly=enforce_max_neighbors_strictly,
+            max_neighbors=max_neighbors, max_radius=max_radius, max_num_elements=max_num_elements,
+        )  # fmt: skip
         lmax, channels = parse_node_irreps(irreps_node_embedding)
         _choice("attn_type", attn_type, ATTENTION_ORDERS)
         _choice("alpha_type", alpha_type, ALPHA_TYPES)

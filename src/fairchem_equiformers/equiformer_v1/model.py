@@ -41,6 +41,7 @@ from fairchem_equiformers.primitives import (
     BesselBasis,
     ExpNormalBasis,
     GaussianBasis,
+    check_common_model_keys,
     check_structures,
     radius_graph_nonperiodic,
 )
@@ -97,6 +98,12 @@ class EquiformerV1(nn.Module, GraphModelMixin):
     Args:
         use_pbc: periodic graphs (fairchem's neighbour search) or molecules (this package's own
             radius graph; needs neither torch-cluster nor pyg-lib).
+        use_pbc_single / enforce_max_neighbors_strictly: passed to fairchem's periodic neighbour
+            search (one structure at a time; keep exactly ``max_neighbors`` even when the next
+            neighbours are at the same distance), as in fairchem's models.
+        otf_graph: build the graph on the fly (default); ``False`` uses the edges stored in the
+            batch (``edge_index``, and ``cell_offsets``/``neighbors`` with ``use_pbc``), as
+            fairchem's ``generate_graph`` does (LMDBs written with ``r_edges=True``).
         max_neighbors / max_radius: graph construction (nearest neighbours within the cutoff, A).
         max_num_elements: size of the atom-type embedding (atomic numbers 1..max_num_elements-1).
         irreps_node_embedding: node features of every block, e.g. ``128x0e+64x1e+32x2e``; its
@@ -127,12 +134,15 @@ class EquiformerV1(nn.Module, GraphModelMixin):
     def __init__(
         self,
         use_pbc: bool = False,
+        use_pbc_single: bool = False,
         regress_forces: bool = True,
         direct_forces: bool = False,
         regress_displacement: bool = False,
+        otf_graph: bool = True,
         max_neighbors: int = 1000,
         max_radius: float = 5.0,
         max_num_elements: int = 90,
+        enforce_max_neighbors_strictly: bool = True,
         num_layers: int = 6,
         irreps_node_embedding: str = "128x0e+64x1e+32x2e",
         irreps_head: str = "32x0e+16x1e+8x2e",
@@ -151,6 +161,11 @@ class EquiformerV1(nn.Module, GraphModelMixin):
         target: str = "energy",
     ) -> None:
         super().__init__()
+        check_common_model_keys(
+            use_pbc=use_pbc, use_pbc_single=use_pbc_single, otf_graph=otf_graph,
+            regress_forces=regress_forces, enforce_max_neighbors_strictly=enforce_max_neighbors_strictly,
+            max_neighbors=max_neighbors, max_radius=max_radius, max_num_elements=max_num_elements,
+        )  # fmt: skip
         irreps_node = _irreps("irreps_node_embedding", irreps_node_embedding)
         irreps_head = _irreps("irreps_head", irreps_head)
         irreps_mid = _irreps("irreps_mlp_mid", irreps_mlp_mid)
@@ -176,7 +191,8 @@ class EquiformerV1(nn.Module, GraphModelMixin):
             raise ValueError("head='dipole' needs use_pbc=False: a periodic structure has no defined dipole")
 
         # attributes GraphModelMixin.generate_graph reads
-        self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, False, True
+        self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, use_pbc_single, otf_graph
+        self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
         self.max_neighbors, self.max_radius, self.cutoff = max_neighbors, max_radius, max_radius
         self.regress_forces, self.direct_forces = regress_forces, direct_forces
         self.max_num_elements = max_num_elements
@@ -219,15 +235,28 @@ class EquiformerV1(nn.Module, GraphModelMixin):
 
     def _edges(self, data, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge index ``[2, E]`` (source, target) and vectors source - target ``[E, 3]``, computed
-        from ``pos`` (so that they carry its gradient). The periodic neighbour search runs on a
-        float32 copy (fairchem's only runs in float32); the vectors use its cell offsets."""
-        if not self.use_pbc:
+        from ``pos`` (so that they carry its gradient).
+
+        Molecules with ``otf_graph`` use this package's radius graph; otherwise the edges are
+        fairchem's ``generate_graph``'s: its periodic neighbour search (``use_pbc_single``,
+        ``enforce_max_neighbors_strictly``), run on a float32 copy (it only runs in float32), or
+        with ``otf_graph=False`` the batch's own ``edge_index``/``cell_offsets``/``neighbors``.
+        The vectors use the integer cell offsets in the positions' precision."""
+        if not self.use_pbc and self.otf_graph:
             edge_index = radius_graph_nonperiodic(pos, data.batch, self.max_radius, self.max_neighbors)
             return edge_index, pos[edge_index[0]] - pos[edge_index[1]]
         search_input = copy.copy(data)
-        search_input.pos, search_input.cell = pos.detach().float(), data.cell.detach().float()
-        graph = self.generate_graph(search_input)
+        search_input.pos = pos.detach().float()
+        if self.use_pbc:
+            search_input.cell = data.cell.detach().float()
+        graph = self.generate_graph(
+            search_input,
+            enforce_max_neighbors_strictly=self.enforce_max_neighbors_strictly,
+            use_pbc_single=self.use_pbc_single,
+        )
         source, target = graph.edge_index
+        if not self.use_pbc:
+            return graph.edge_index, pos[source] - pos[target]
         cells = data.cell[data.batch[source]].to(pos.dtype)  # [E, 3, 3]
         offsets = torch.einsum("ei,eij->ej", graph.cell_offsets.to(pos.dtype), cells)
         return graph.edge_index, pos[source] - pos[target] + offsets

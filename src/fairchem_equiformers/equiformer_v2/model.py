@@ -34,6 +34,7 @@ from fairchem_equiformers.primitives import (
     S2Grid,
     SO3Linear,
     SphericalLayout,
+    check_common_model_keys,
     check_structures,
     equivariant_norm,
     radius_graph_nonperiodic,
@@ -136,6 +137,11 @@ class EquiformerV2(nn.Module, GraphModelMixin):
         load_energy_lin_ref: bool = False,
     ) -> None:
         super().__init__()
+        check_common_model_keys(
+            use_pbc=use_pbc, use_pbc_single=use_pbc_single, otf_graph=otf_graph,
+            regress_forces=regress_forces, enforce_max_neighbors_strictly=enforce_max_neighbors_strictly,
+            max_neighbors=max_neighbors, max_radius=max_radius, max_num_elements=max_num_elements,
+        )  # fmt: skip
         lmax = _single_resolution("lmax_list", lmax_list)
         mmax = _single_resolution("mmax_list", mmax_list)
         _only("attn_activation", attn_activation, ["silu"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -28,6 +31,41 @@ def radius_graph_nonperiodic(
     if not edges:
         return torch.zeros(2, 0, dtype=torch.long, device=pos.device)
     return torch.cat(edges, dim=1)
+
+
+GRAPH_FLAGS = ("use_pbc", "use_pbc_single", "otf_graph", "regress_forces", "enforce_max_neighbors_strictly")
+
+
+def check_common_model_keys(
+    *,
+    max_neighbors,
+    max_radius,
+    max_num_elements,
+    **flags,
+) -> None:
+    """Raise ``ValueError`` naming the key for a value of fairchem's common model keys that no
+    family can honour: a flag (``GRAPH_FLAGS``) that is not a boolean (e.g. the string
+    ``"false"``, which would read as true), ``max_neighbors`` not a positive integer,
+    ``max_radius`` not a positive finite number, ``max_num_elements`` below 2 (hydrogen needs 2)."""
+    for name, value in flags.items():
+        if name not in GRAPH_FLAGS:
+            raise TypeError(f"unknown graph flag {name!r}; the flags are {GRAPH_FLAGS}")
+        if type(value).__name__ not in ("bool", "bool_"):
+            raise ValueError(f"{name}={value!r} must be a boolean (true or false)")
+
+    def integer(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not integer(max_neighbors) or max_neighbors < 1:
+        raise ValueError(f"max_neighbors={max_neighbors!r} must be a positive integer")
+    real = isinstance(max_radius, numbers.Real) and not isinstance(max_radius, bool)
+    if not real or not (max_radius > 0 and math.isfinite(max_radius)):
+        raise ValueError(f"max_radius={max_radius!r} must be a positive number (Angstrom)")
+    if not integer(max_num_elements) or max_num_elements < 2:
+        raise ValueError(
+            f"max_num_elements={max_num_elements!r} must be an integer >= 2 "
+            "(atomic numbers 1..max_num_elements-1)"
+        )
 
 
 def _graph_name(graph: int, sid) -> str:
