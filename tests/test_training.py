@@ -8,6 +8,7 @@ import copy
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -301,6 +302,186 @@ def test_resume_after_kill_mid_epoch_continues_exactly(emt_database, tmp_path):
         torch.testing.assert_close(flat_params(resumed.model), full_weights, rtol=1e-5, atol=1e-7)
         resumed_ema = torch.cat([p.flatten() for p in resumed.ema.shadow_params])
         torch.testing.assert_close(resumed_ema, full_ema, rtol=1e-5, atol=1e-7)
+
+
+def ema_params(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.ema.shadow_params])
+
+
+def trainable_params(model) -> torch.Tensor:
+    """The parameters the EMA averages (frozen ones, e.g. a force-head bias, are left out)."""
+    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+
+
+def test_end_of_training_leaves_a_checkpoint_that_resumes(emt_database, tmp_path):
+    """eval_every (so checkpoint_every) beyond the run's 4 steps: the host's loop saves nothing,
+    the trainer still ends with checkpoint.pt at the final step holding the final weights, EMA and
+    optimiser; resumed with --checkpoint into a 2-epoch run it ends as an uninterrupted 2-epoch run."""
+    optim = dict(max_epochs=1, eval_every=100, ema_decay=0.9, lr_initial=5e-3)
+    with make_trainer(tmp_path, trainer_config(emt_database, **optim), "short") as trainer:
+        saved_at = []
+        original_save = trainer.save
+
+        def save(*args, **kwargs):
+            saved_at.append(trainer.completed_step)
+            return original_save(*args, **kwargs)
+
+        trainer.save = save
+        trainer.train()
+        assert trainer.step == 4 and saved_at == [4]  # once, after the loop
+        checkpoint = Path(trainer.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt"
+        weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        ema = ema_params(trainer)
+        assert not torch.allclose(ema, trainable_params(trainer.model))
+        optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["checkpoint.pt"]  # no temporaries
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["step"] == 4 and state["epoch"] == 1.0
+    assert state["state_dict"].keys() == weights.keys()
+    for name, value in weights.items():  # the final weights, bit for bit
+        assert torch.equal(state["state_dict"][name], value), name
+    assert state["ema"]["decay"] == 0.9
+    assert torch.equal(torch.cat([torch.as_tensor(p).flatten() for p in state["ema"]["shadow_params"]]), ema)
+    for saved, final in zip(state["optimizer"]["state"].values(), optimizer_state["state"].values()):
+        assert torch.equal(saved["exp_avg_sq"], final["exp_avg_sq"]) and saved["step"] == final["step"] == 4
+
+    longer = trainer_config(emt_database, **{**optim, "max_epochs": 2})
+    with make_trainer(tmp_path, longer, "resumed", checkpoint=str(checkpoint)) as resumed:
+        assert resumed.step == 4
+        assert torch.equal(ema_params(resumed), ema)
+        assert torch.equal(flat_params(resumed.model), torch.cat([v.flatten() for v in weights.values()]))
+        resumed.train()
+        assert resumed.step == 8
+        resumed_weights, resumed_ema = flat_params(resumed.model), ema_params(resumed)
+        final = torch.load(
+            Path(resumed.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt", weights_only=False
+        )
+        assert final["step"] == 8
+    with make_trainer(tmp_path, longer, "uninterrupted") as full:
+        full.train()
+        full_weights, full_ema = flat_params(full.model), ema_params(full)
+    print(
+        f"resumed vs uninterrupted: weights {(resumed_weights - full_weights).abs().max():.1e}, "
+        f"EMA {(resumed_ema - full_ema).abs().max():.1e}"
+    )
+    torch.testing.assert_close(resumed_weights, full_weights, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(resumed_ema, full_ema, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_saved_during_validation_holds_the_training_weights(emt_database, tmp_path):
+    """SLURM's pre-emption signal may arrive while validation runs with the EMA weights copied into
+    the model: the checkpoint saved then holds the training weights (and the EMA as the EMA)."""
+    config = trainer_config(emt_database, eval_every=100, ema_decay=0.5, lr_initial=5e-3)
+    with make_trainer(tmp_path, config, "during_validation") as trainer:
+        trainer.train()
+        weights, ema = flat_params(trainer.model), ema_params(trainer)
+        assert not torch.allclose(trainable_params(trainer.model), ema)
+        model = trainer._unwrapped_model
+        original_forward, seen = model.forward, []
+
+        def forward_then_preempted(data):
+            if not seen:  # the handler runs trainer.save mid-validation, as submitit's would
+                seen.append(trainable_params(trainer.model))
+                trainer.save(checkpoint_file="checkpoint.pt", training_state=True)
+            return original_forward(data)
+
+        model.forward = forward_then_preempted
+        trainer.validate(split="val", disable_tqdm=True)
+        model.forward = original_forward
+        assert torch.equal(seen[0], ema)  # the EMA weights were in the model
+        assert torch.equal(flat_params(trainer.model), weights)  # and are back out
+        checkpoint = Path(trainer.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    assert torch.equal(torch.cat([v.flatten() for v in state["state_dict"].values()]), weights)
+    assert torch.equal(torch.cat([torch.as_tensor(p).flatten() for p in state["ema"]["shadow_params"]]), ema)
+
+
+def test_predict_uses_the_ema_weights_and_equals_a_forward_pass(emt_database, tmp_path):
+    """``--mode predict`` from a training checkpoint: its energies and forces (free atoms, as
+    written to s2ef_predictions.npz) are those of the model with the EMA weights, run directly on
+    the same batches: to float32 round-off with ``prediction_dtype: float32``, to float16 rounding
+    with fairchem's default; the training weights predict something else."""
+    config = trainer_config(emt_database, max_epochs=2, eval_every=100, ema_decay=0.5, lr_initial=5e-3)
+    with make_trainer(tmp_path, config, "trained") as trainer:
+        trainer.train()
+        checkpoint = Path(trainer.config["cmd"]["checkpoint_dir"]) / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+
+    predict_config = trainer_config(emt_database)
+    predict_config["dataset"] = {"test": predict_config["dataset"]["train"]}
+    for output in predict_config["outputs"].values():
+        output["prediction_dtype"] = "float32"
+    with make_trainer(
+        tmp_path, predict_config, "predict", mode="predict", checkpoint=str(checkpoint)
+    ) as predictor:
+        predictor.predict(predictor.test_loader, results_file="predictions", disable_tqdm=True)
+        results = Path(predictor.config["cmd"]["results_dir"])
+        float32 = dict(np.load(results / "s2ef_predictions.npz"))
+        for output in predictor.config["outputs"].values():
+            output["prediction_dtype"] = "float16"  # fairchem's default
+        predictor.predict(predictor.test_loader, results_file="predictions", disable_tqdm=True)
+        float16 = dict(np.load(results / "s2ef_predictions.npz"))
+        batches = list(predictor.test_loader)
+
+    def direct(weights: str) -> tuple[np.ndarray, np.ndarray]:
+        """Energies and free-atom forces, ordered as the npz (by id), of a fresh model."""
+        model = EquiformerV2(**{k: v for k, v in MODEL.items() if k != "name"})
+        model.load_state_dict(state["state_dict"])
+        if weights == "ema":
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            assert len(trainable) == len(state["ema"]["shadow_params"])
+            with torch.no_grad():
+                for param, average in zip(trainable, state["ema"]["shadow_params"]):
+                    param.copy_(average)
+        model.eval()
+        energy, forces = {}, {}
+        with torch.no_grad():
+            for batch in batches:
+                out = model(batch)
+                free = batch.fixed == 0
+                ids = [f"{sid}_{fid}" for sid, fid in zip(batch.sid.tolist(), batch.fid.tolist())]
+                for i, atoms in enumerate(torch.split(torch.arange(len(free)), batch.natoms.tolist())):
+                    energy[ids[i]] = out["energy"][i].item()
+                    forces[ids[i]] = out["forces"][atoms][free[atoms]].numpy()
+        order = sorted(energy)
+        assert order == list(float32["ids"])
+        return np.array([energy[i] for i in order]), np.concatenate([forces[i] for i in order])
+
+    energy, forces = direct("ema")
+    raw_energy, raw_forces = direct("training")
+    predicted_energy, predicted_forces = float32["energy"].reshape(-1), float32["forces"]
+    assert predicted_energy.dtype == np.float32 and predicted_forces.shape == forces.shape
+    print(
+        f"float32 prediction vs EMA forward: |dE| {np.abs(predicted_energy - energy).max():.1e} eV, "
+        f"|dF| {np.abs(predicted_forces - forces).max():.1e} eV/A; vs training weights: "
+        f"|dE| {np.abs(predicted_energy - raw_energy).max():.1e} eV, "
+        f"|dF| {np.abs(predicted_forces - raw_forces).max():.1e} eV/A; "
+        f"float16: |dE| {np.abs(float16['energy'].reshape(-1) - energy).max():.1e}, "
+        f"|dF| {np.abs(float16['forces'] - forces).max():.1e}"
+    )
+    np.testing.assert_allclose(predicted_energy, energy, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(predicted_forces, forces, rtol=1e-6, atol=1e-7)
+    assert np.abs(predicted_energy - raw_energy).max() > 1e-2
+    assert np.abs(predicted_forces - raw_forces).max() > 1e-2
+    # float16 (fairchem's default): the same values rounded to 11 significant bits
+    assert float16["energy"].dtype == np.float16
+    np.testing.assert_allclose(
+        float16["energy"].reshape(-1).astype(np.float64), energy, rtol=2**-11, atol=1e-7
+    )
+    np.testing.assert_allclose(float16["forces"].astype(np.float64), forces, rtol=2**-11, atol=2**-25)
+
+    # ASE through fairchem's OCPCalculator (an inference-only trainer, which the host leaves
+    # without EMA): the same EMA predictions
+    from ase.db import connect
+    from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+
+    calculator = OCPCalculator(checkpoint_path=str(checkpoint), cpu=True, seed=0)
+    with connect(emt_database) as db:
+        atoms = db.get_atoms(id=1)
+    atoms.calc = calculator
+    first = list(float32["ids"]).index("0_0")  # the database's first row (AseDBDataset ids from 0)
+    assert abs(atoms.get_potential_energy() - energy[first]) < 1e-6
+    assert abs(atoms.get_potential_energy() - raw_energy[first]) > 1e-3
 
 
 def test_misspelt_optim_key_is_an_error(emt_database, tmp_path):

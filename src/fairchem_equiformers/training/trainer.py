@@ -12,8 +12,15 @@ losses, evaluation, logging and distributed training are the host's):
 * checkpoints written atomically (a crash mid-write never leaves a truncated file) and always
   at the last completed optimiser update, also when SLURM's pre-emption signal triggers the save
   mid-batch; a resumed run continues at the same step, learning rate and EMA;
+* the end of training always leaves ``checkpoint.pt`` with the final weights, EMA, optimiser and
+  schedule, whatever ``eval_every``/``checkpoint_every`` say (the host saves only every
+  ``checkpoint_every`` steps, so a run shorter than that ended with no checkpoint at all);
 * the logged training loss is the loss of the global batch (the mean over ranks), not rank 0's
   share of it;
+* a checkpoint saved while the EMA weights are in the model for validation or prediction (the
+  pre-emption signal can arrive then) holds the training weights, not the EMA's;
+* the EMA weights of a checkpoint are used for prediction and validation whatever the config
+  says (the host uses them only when the config has ``optim.ema_decay``);
 * predict/validate from a full training checkpoint without a train set, and warmups shorter
   than one batch, both of which trip the host's ``equiformerv2_forces`` trainer;
 * a loss coefficient may decay linearly over the run (``final_coefficient`` next to
@@ -129,6 +136,7 @@ class ForcesTrainer(OCPTrainer):
         self._accumulated_batches = 0
         self._rank_and_global_loss = None
         self.completed_step = self.step  # the step of the last optimiser update
+        self._checkpoint_saved_at = None  # the step of the last checkpoint.pt with training state
         self.ema_decay = optim.get("ema_decay")
         self.ema = (
             ExponentialMovingAverage(self.model.parameters(), self.ema_decay) if self.ema_decay else None
@@ -220,12 +228,70 @@ class ForcesTrainer(OCPTrainer):
                 self.ema.update()
             self.completed_step = self.step
 
+    def train(self, disable_eval_tqdm: bool = False) -> None:
+        """The host's training loop, then ``checkpoint.pt`` at the final step unless the loop
+        has just written it (the host saves only when the step is a multiple of
+        ``checkpoint_every``, default ``eval_every``, or after each epoch with -1)."""
+        super().train(disable_eval_tqdm=disable_eval_tqdm)
+        if self._checkpoint_saved_at != self.completed_step:
+            self.save(checkpoint_file="checkpoint.pt", training_state=True)
+
+    @contextlib.contextmanager
+    def _raw_weights_kept(self):
+        """While the host evaluates with the EMA weights copied into the model (validation,
+        prediction, relaxations), keep the training weights, so that a checkpoint saved meanwhile
+        (SLURM's pre-emption signal runs the save wherever the program is) holds them. Only in
+        training runs (inference, e.g. ASE's calculator, saves no training state)."""
+        training = getattr(self, "train_loader", None) is not None
+        if (
+            getattr(self, "ema", None) is None
+            or not training
+            or getattr(self, "_raw_weights", None) is not None
+        ):
+            yield
+            return
+        # in host memory: read back only by a save during the evaluation
+        self._raw_weights = [p.detach().to("cpu", copy=True) for p in self.model.parameters()]
+        try:
+            yield
+        finally:
+            self._raw_weights = None
+
+    def validate(self, split: str = "val", disable_tqdm: bool = False):
+        with self._raw_weights_kept():
+            return super().validate(split=split, disable_tqdm=disable_tqdm)
+
+    def predict(self, *args, **kwargs):
+        with self._raw_weights_kept():
+            return super().predict(*args, **kwargs)
+
+    def run_relaxations(self, *args, **kwargs):
+        with self._raw_weights_kept():
+            return super().run_relaxations(*args, **kwargs)
+
     def load_checkpoint(
         self, checkpoint_path: str, checkpoint: dict | None = None, inference_only: bool = False
     ):
         """The host's loading, then the schedule re-positioned at the restored step: fairchem
-        saves before stepping the scheduler, so its state lags the step by one batch."""
+        saves before stepping the scheduler, so its state lags the step by one batch.
+
+        The EMA follows the checkpoint whatever the config says: a checkpoint with EMA weights
+        predicts and validates with them also under a config without ``optim.ema_decay`` (the
+        host drops them and silently uses the training weights), and a config's ``ema_decay``
+        still averages when the checkpoint has none (the host switches the EMA off)."""
+        if checkpoint is None:
+            if not os.path.isfile(checkpoint_path):
+                raise FileNotFoundError(f"Checkpoint file not found: {checkpoint_path}")
+            logging.info(f"Loading checkpoint from: {checkpoint_path}")
+            map_location = torch.device("cpu") if self.cpu else self.device
+            checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+        saved_ema = checkpoint.get("ema")
+        if saved_ema is not None and getattr(self, "ema", None) is None:
+            logging.info(f"Using the checkpoint's EMA weights (decay {saved_ema['decay']}) for evaluation")
+            self.ema = ExponentialMovingAverage(self.model.parameters(), saved_ema["decay"])
         super().load_checkpoint(checkpoint_path, checkpoint=checkpoint, inference_only=inference_only)
+        if self.ema is None and getattr(self, "ema_decay", None):  # the checkpoint had none: average
+            self.ema = ExponentialMovingAverage(self.model.parameters(), self.ema_decay)
         if getattr(self, "scheduler", None) is not None and not inference_only:
             self.scheduler.set_batch(self.step)
             logging.info(f"Resuming training at step {self.step} (epoch {self.epoch:.4f})")
@@ -240,10 +306,24 @@ class ForcesTrainer(OCPTrainer):
         if training_state and self.train_loader is not None:
             self.step = getattr(self, "completed_step", step)
             self.epoch = self.step / len(self.train_loader)
+        raw_weights = getattr(self, "_raw_weights", None) if training_state else None
+        in_model = None
         try:
+            if raw_weights is not None:  # the model holds the EMA weights: save the training ones
+                in_model = [p.detach().clone() for p in self.model.parameters()]
+                with torch.no_grad():
+                    for param, raw in zip(self.model.parameters(), raw_weights):
+                        param.copy_(raw)
             path = super().save(metrics=metrics, checkpoint_file=temporary, training_state=training_state)
         finally:
+            if in_model is not None:
+                with torch.no_grad():
+                    for param, current in zip(self.model.parameters(), in_model):
+                        param.copy_(current)
+            saved_step = self.step
             self.step, self.epoch = step, epoch
+        if training_state and checkpoint_file == "checkpoint.pt":
+            self._checkpoint_saved_at = saved_step  # on every rank (only the master writes)
         if path is None:
             return None
         final = Path(path).with_name(checkpoint_file)
