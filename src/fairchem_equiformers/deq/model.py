@@ -222,6 +222,10 @@ class DEQMixin:
             z = f(result.z)
         else:
             result = solve(f, z0, *common, self.solver, structure_ids, record)
+            # under autocast (--amp) the solve, run without autograd, left half-precision copies
+            # of the weights in autocast's cache: the steps below must cast them again, with
+            # autograd, or the map's parameters get no gradient
+            torch.clear_autocast_cache()
             if self.gradient == "phantom":
                 z_in, first, z = phantom_gradient(f, result.z, self.phantom_steps)
             else:

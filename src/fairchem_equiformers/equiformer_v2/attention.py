@@ -217,7 +217,7 @@ class SO2GraphAttention(nn.Module):
                 value = chunk.rotation.from_edge(value)  # [e, K, H * V]
             else:
                 value = chunk.rotation.from_edge_degree(value, self.output_degree)  # [e, 2l+1, H * V]
-            aggregated.index_add_(0, chunk.edge_index[1], value)
+            aggregated.index_add_(0, chunk.edge_index[1], value.to(aggregated.dtype))  # autocast: half
         if self.output_degree is None:
             return self.proj(aggregated)
         return self.proj.forward_degree(aggregated, self.output_degree)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .autocast import float32_under_autocast
 from .blocks import row_blocks
 from .grid import S2Grid
 
@@ -68,6 +69,7 @@ class _GridSiLU(torch.autograd.Function):
     built from differentiable operations when a graph is requested)."""
 
     @staticmethod
+    @float32_under_autocast
     def forward(ctx, x, to_grid, from_grid_t):  # x [B, K', C], to_grid [G, K'], from_grid_t [K', G]
         ctx.save_for_backward(x, to_grid, from_grid_t)
         out = x.new_empty(x.shape[0], from_grid_t.shape[0], x.shape[2])
@@ -77,6 +79,7 @@ class _GridSiLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @float32_under_autocast
     def backward(ctx, grad_out):  # [B, K', C]
         x, to_grid, from_grid_t = ctx.saved_tensors
         chunks = []
@@ -102,6 +105,7 @@ class _GridMLPCore(torch.autograd.Function):
     no bias). Double backward works (differentiable operations when a graph is requested)."""
 
     @staticmethod
+    @float32_under_autocast
     def forward(ctx, h, to_grid, from_grid_t, w2):  # h [B, K, H]
         ctx.save_for_backward(h, to_grid, from_grid_t, w2)
         out = h.new_empty(h.shape[0], from_grid_t.shape[0], w2.shape[0])
@@ -112,6 +116,7 @@ class _GridMLPCore(torch.autograd.Function):
         return out
 
     @staticmethod
+    @float32_under_autocast
     def backward(ctx, grad_out):  # [B, K, H]
         h, to_grid, from_grid_t, w2 = ctx.saved_tensors
         grad_h, grad_w2 = [], 0

@@ -28,6 +28,14 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _degree_mean_square(x: torch.Tensor, degree_weights: torch.Tensor) -> torch.Tensor:
+    """``[N, K', C] -> [N]``: the degree-balanced mean over ``K'`` (summed over channels) of
+    ``x**2``, in ``x``'s precision also under autocast (which would run the einsum's matmul in
+    half precision: the backward through ``rsqrt`` of a small mean square overflows float16)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.einsum("nkc,k->n", x.pow(2), degree_weights.to(x.dtype))
+
+
 class EquivariantLayerNorm(nn.Module):
     """``layer_norm``: every degree normalised on its own (scalars centred first)."""
 
@@ -67,7 +75,7 @@ class EquivariantLayerNormSH(nn.Module):
             return self.norm_l0(x)
         scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
         scalars = self.norm_l0(scalars)
-        mean_square = torch.einsum("nkc,k->n", rest.pow(2), self.degree_weights.to(x.dtype))
+        mean_square = _degree_mean_square(rest, self.degree_weights)
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
         weight = _expand_degrees(self.affine_weight, self.lmax, 1)  # [K-1, C]
         return torch.cat([scalars, rest * (scale[:, None, None] * weight)], dim=1)
@@ -87,7 +95,7 @@ class EquivariantRMSNormSH(nn.Module):
         x = _upcast(x)
         scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
         centred = torch.cat([scalars - scalars.mean(dim=2, keepdim=True), rest], dim=1)  # [N, K, C]
-        mean_square = torch.einsum("nkc,k->n", centred.pow(2), self.degree_weights.to(x.dtype))
+        mean_square = _degree_mean_square(centred, self.degree_weights)
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
         out = centred * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
         out_scalars, out_rest = out.split([1, out.shape[1] - 1], dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .autocast import float32_under_autocast
 from .blocks import row_blocks
 from .layout import SphericalLayout
 from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
@@ -27,6 +28,7 @@ class _GatherToEdge(torch.autograd.Function):
     the backward is made of differentiable operations."""
 
     @staticmethod
+    @float32_under_autocast
     def forward(ctx, x, matrix, source, target, group_rows):  # x [N, K, C], matrix [E, K_e, K]
         ctx.save_for_backward(x, matrix, source, target)
         channels = x.shape[2]
@@ -39,6 +41,7 @@ class _GatherToEdge(torch.autograd.Function):
         return tuple(groups)
 
     @staticmethod
+    @float32_under_autocast
     def backward(ctx, *grad_groups):  # [E, rows, 2C] each
         x, matrix, source, target = ctx.saved_tensors
         channels = x.shape[2]

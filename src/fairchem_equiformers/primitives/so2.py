@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .autocast import float32_under_autocast
 from .layout import SphericalLayout
 from .radial import RadialMLP
 
@@ -25,6 +26,7 @@ class _ComplexLinear(torch.autograd.Function):
     backward is made of differentiable operations."""
 
     @staticmethod
+    @float32_under_autocast
     def forward(ctx, x, w_real, w_imag, w_sum):  # x [E, 2, K]; w_* [N, K] (w_sum = w_real + w_imag)
         ctx.save_for_backward(x, w_real, w_imag, w_sum)
         x_real, x_imag = x.unbind(1)  # [E, K] each
@@ -37,6 +39,7 @@ class _ComplexLinear(torch.autograd.Function):
         return out  # [E, 2, N]
 
     @staticmethod
+    @float32_under_autocast
     def backward(ctx, grad_out):  # [E, 2, N]
         x, w_real, w_imag, w_sum = ctx.saved_tensors
         needs_x, needs_real, needs_imag, needs_sum = ctx.needs_input_grad
