@@ -116,13 +116,15 @@ def ethanol_md() -> tuple[list[Atoms], list[Atoms]]:
 
 @pytest.fixture(scope="session")
 def emt_database(tmp_path_factory) -> Path:
-    """Eight EMT-labelled 13-atom slabs (2x2x3 + one adsorbate atom) in an ASE database."""
+    """Eight EMT-labelled 13-atom slabs (2x2x3 + one adsorbate atom) in an ASE database (energy,
+    forces, stress)."""
     path = tmp_path_factory.mktemp("data") / "slabs.db"
     with connect(path) as db:
         for i in range(8):
             atoms = slab_with_adsorbate(["Cu", "Pt", "Ag", "Pd"][i % 4], "111", ["O", "N"][i % 2], seed=i)
             atoms.calc = EMT()
             atoms.get_potential_energy()
+            atoms.get_stress()  # for configs that train a stress
             db.write(atoms)
     return path
 

@@ -125,7 +125,11 @@ def tiny_transforms(shipped: dict, outputs: dict, database: Path, workdir: Path)
     reference files by files fitted on the tiny data (same format), other reference or normalizer files
     by fairchem's own fit on the tiny train set. Explicit normalizer values are kept as shipped."""
     transforms = copy.deepcopy(shipped)
-    scalar_targets = [name for name, spec in outputs.items() if spec.get("level", "system") == "system"]
+    scalar_targets = [
+        name
+        for name, spec in outputs.items()
+        if spec.get("level", "system") == "system" and spec.get("shape", 1) == 1
+    ]
     references = transforms.get("element_references")
     if references:
         if "file" in references:  # one file for all targets
@@ -136,6 +140,11 @@ def tiny_transforms(shipped: dict, outputs: dict, database: Path, workdir: Path)
                 suffix = Path(settings["file"]).suffix
                 settings["file"] = str(write_references(database, workdir / f"references_{target}{suffix}"))
     normalizer = transforms.get("normalizer")
+    if normalizer and "file" in normalizer and set(normalizer) == {"file"}:
+        # a dataset written by fairchem-equiformers-data: one scale for every target (the force RMS)
+        forces = np.concatenate([row.forces for row in connect(database).select()])
+        scale = float(np.sqrt((forces**2).sum(axis=1).mean()))
+        return transforms | {"normalizer": {target: {"mean": 0.0, "rmsd": scale} for target in outputs}}
     if normalizer:
         to_fit = [t for t in outputs if t not in normalizer] if normalizer.pop("file", None) else []
         for target in list(normalizer):
@@ -165,7 +174,7 @@ def tiny_datasets(
     tiny = {
         "format": "ase_db",
         "src": str(database),
-        "a2g_args": {"r_energy": True, "r_forces": True},
+        "a2g_args": {"r_energy": True, "r_forces": True, "r_stress": "stress" in outputs},
         "metadata_path": str(write_metadata(database, workdir / "metadata.npz")),
     }
     datasets = {split: dict(tiny) for split in ("train", "val", "test") if split in shipped}

@@ -141,6 +141,28 @@ class ForcesTrainer(OCPTrainer):
         self.ema = (
             ExponentialMovingAverage(self.model.parameters(), self.ema_decay) if self.ema_decay else None
         )
+        self.check_gradient_scales()
+
+    def check_gradient_scales(self) -> None:
+        """A model whose forces (and stress) are gradients of its energy needs one normalizer scale
+        for all of them: the host denormalizes each target with its own ``rmsd``, so different
+        scales would return forces ``rmsd_F / rmsd_E`` times the energy's gradient. Raises
+        ``ValueError`` naming the scales."""
+        model = self._unwrapped_model
+        if getattr(model, "direct_forces", True) or not getattr(model, "regress_forces", True):
+            return
+        targets = [name for name in ("energy", "forces", "stress") if name in self.output_targets]
+        scales = {
+            name: float(self.normalizers[name].rmsd) if name in self.normalizers else 1.0 for name in targets
+        }
+        if len(set(scales.values())) > 1 and max(scales.values()) > min(scales.values()) * (1 + 1e-6):
+            listed = ", ".join(f"{name} {scale:.6g}" for name, scale in scales.items())
+            raise ValueError(
+                f"{type(model).__name__} returns forces as -dE/dpos, so energy, forces and stress need "
+                f"one normalizer scale (rmsd), got {listed}: the returned forces would not be the gradient "
+                "of the returned energy. Rebuild the dataset with fairchem-equiformers-data (it writes one "
+                "scale) or give every normalizer the same rmsd."
+            )
 
     def load_datasets(self) -> None:
         super().load_datasets()
@@ -296,6 +318,7 @@ class ForcesTrainer(OCPTrainer):
             self.scheduler.set_batch(self.step)
             logging.info(f"Resuming training at step {self.step} (epoch {self.epoch:.4f})")
         self.completed_step = self.step
+        self.check_gradient_scales()  # the checkpoint's normalizers replace the config's
 
     def save(self, metrics=None, checkpoint_file: str = "checkpoint.pt", training_state: bool = True):
         """The host's checkpoint at the last completed update (the loop advances ``step`` before
