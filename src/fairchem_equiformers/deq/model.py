@@ -36,12 +36,31 @@ from .solvers import SOLVERS, SolverResult, SolverSettings, solve
 from .stabilisers import apply_weight_norm, fixed_point_correction_loss, jacobian_penalty
 
 TRAIN_SOLVER = {"rel_tol": 1e-3, "max_iter": 24}
-EVAL_SOLVER = {"rel_tol": 1e-4, "max_iter": 40}
-REUSE_SOLVER = {"rel_tol": 1e-3, "max_iter": 40}
-BACKWARD_SOLVER = {"rel_tol": 1e-6, "max_iter": 40}
+REUSE_SOLVER = {"rel_tol": 1e-3, "max_iter": 40}  # training, every structure from a stored fixed point
+BACKWARD_SOLVER = {"rel_tol": 1e-6, "max_iter": 40}  # training with gradient="ift"
+# inference (eval mode), forward and backward (adjoint) solves unless set: tight enough that the
+# returned energy is that of a converged fixed point and the forces are its gradient
+PRECISE_MAX_ITER = 100
+PRECISE_REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-6}
+PRECISE_REL_TOL_OTHER = 1e-3  # float16 / bfloat16
 
 
-def _settings(name: str, values: dict | None, default: dict) -> SolverSettings:
+def precise_settings(dtype: torch.dtype, device: torch.device | None = None) -> SolverSettings:
+    """The default inference solve for features of ``dtype``: ``rel_tol`` 1e-10 in float64, 1e-6
+    in float32, 1e-3 in half precision or under autocast on ``device``; at most
+    ``PRECISE_MAX_ITER`` iterations."""
+    half = device is not None and torch.is_autocast_enabled(device.type)
+    rel_tol = PRECISE_REL_TOL_OTHER if half else PRECISE_REL_TOL.get(dtype, PRECISE_REL_TOL_OTHER)
+    return SolverSettings(rel_tol=rel_tol, max_iter=PRECISE_MAX_ITER)
+
+
+PRECISE_SOLVER = {"rel_tol": PRECISE_REL_TOL[torch.float64], "max_iter": PRECISE_MAX_ITER}
+
+
+def _settings(name: str, values: dict | None, default: dict, per_call: bool = False) -> SolverSettings | None:
+    """``values`` completed by ``default``; ``None`` (chosen per call) when ``per_call`` and unset."""
+    if values is None and per_call:
+        return None
     values = default if values is None else values
     unknown = set(values) - {"abs_tol", "rel_tol", "max_iter"}
     if unknown:
@@ -65,10 +84,17 @@ class DEQMixin:
     * ``solver``: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``;
     * ``solver_train`` / ``solver_eval`` / ``solver_reuse``: ``{abs_tol, rel_tol, max_iter}`` in
       training, in evaluation, and whenever every structure starts from a reused fixed point;
-      ``forward(data, solver=SolverSettings(...))`` overrides them for one call;
-    * ``gradient``: ``"phantom"`` (``phantom_steps`` steps, default 1), ``"ift"`` (backward fixed
-      point with ``solver_backward``) or ``"unrolled"`` (back-propagation through plain
-      fixed-point iterations under the same settings);
+      ``forward(data, solver=SolverSettings(...))`` overrides them for one call. Unset, inference
+      (eval mode) solves to ``precise_settings(dtype)`` (``rel_tol`` 1e-10 in float64, 1e-6 in
+      float32, at most 100 iterations), reused or not, so the returned energy is that of a
+      converged fixed point; training uses ``TRAIN_SOLVER`` (1e-3, 24) and ``REUSE_SOLVER``;
+    * ``gradient``: how training differentiates through the fixed point: ``"phantom"``
+      (``phantom_steps`` steps, default 1), ``"ift"`` (backward fixed point) or ``"unrolled"``
+      (back-propagation through plain fixed-point iterations under the same settings). At
+      inference every model uses the implicit gradient (IFT), so ``-dE/dpos`` forces (and any
+      gradient taken in eval mode) are the exact gradient of the returned energy;
+    * ``solver_backward``: the backward (adjoint) solve of the IFT; unset: ``BACKWARD_SOLVER``
+      (1e-6, 40) in training, ``precise_settings(dtype)`` at inference;
     * ``reuse_fixed_point``: start each structure from the previous call's fixed point of the
       structure at the same place in the batch when its atomic numbers are the same (MD,
       relaxations, ordered datasets); a structure whose atoms differ starts from zero;
@@ -80,8 +106,8 @@ class DEQMixin:
 
     After each forward, ``deq_stats`` holds scalars for logging (mean and max iterations,
     largest residuals, fractions converged and reused) and ``last_solve`` the per-structure
-    :class:`SolverResult`. Structures that do not converge are named in a
-    ``DEQConvergenceWarning`` and use their best iterate.
+    :class:`SolverResult`. Structures that do not converge (forward or backward solve) are named
+    in a ``DEQConvergenceWarning`` and use their best iterate.
     """
 
     _deq_dropouts: tuple[str, ...] = ()  # the base model's dropout arguments, refused unless 0
@@ -115,8 +141,6 @@ class DEQMixin:
             raise ValueError(f"gradient={gradient!r}; choose from {list(GRADIENTS)}")
         if phantom_steps < 1 or (phantom_steps != 1 and gradient != "phantom"):
             raise ValueError(f"phantom_steps={phantom_steps} needs gradient='phantom' and must be >= 1")
-        if solver_backward is not None and gradient != "ift":
-            raise ValueError("solver_backward is only used with gradient='ift'")
         if jacobian_weight < 0 or fp_correction_weight < 0 or fp_correction_states < 1:
             raise ValueError(
                 f"jacobian_weight ({jacobian_weight}) and fp_correction_weight ({fp_correction_weight}) "
@@ -127,9 +151,10 @@ class DEQMixin:
         super().__init__(**dict.fromkeys(self._deq_dropouts, 0.0), **model_args)
         self.solver = solver
         self.solver_train = _settings("solver_train", solver_train, TRAIN_SOLVER)
-        self.solver_eval = _settings("solver_eval", solver_eval, EVAL_SOLVER)
-        self.solver_reuse = _settings("solver_reuse", solver_reuse, REUSE_SOLVER)
-        self.solver_backward = _settings("solver_backward", solver_backward, BACKWARD_SOLVER)
+        # None: inference uses precise_settings(dtype), training the TRAIN/REUSE/BACKWARD defaults
+        self.solver_eval = _settings("solver_eval", solver_eval, PRECISE_SOLVER, per_call=True)
+        self.solver_reuse = _settings("solver_reuse", solver_reuse, REUSE_SOLVER, per_call=True)
+        self.solver_backward = _settings("solver_backward", solver_backward, PRECISE_SOLVER, per_call=True)
         self.gradient = gradient
         self.phantom_steps = phantom_steps
         self.reuse_fixed_point = reuse_fixed_point
@@ -176,12 +201,30 @@ class DEQMixin:
                 reused[b] = True
         return z0, reused
 
-    def _solver_settings(self, reused: torch.Tensor) -> SolverSettings:
+    def _solver_settings(
+        self, reused: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> SolverSettings:
+        """The forward solve's settings: the call's, else (every structure reused) ``solver_reuse``,
+        else ``solver_train`` / ``solver_eval``; unset ones default to ``REUSE_SOLVER`` in training
+        and to ``precise_settings(dtype)`` at inference."""
         if self._call_solver is not None:
             return self._call_solver
-        if reused.all():
-            return self.solver_reuse
-        return self.solver_train if self.training else self.solver_eval
+        if reused.all() and (self.solver_reuse is not None or self.training):
+            return self.solver_reuse or _settings("solver_reuse", None, REUSE_SOLVER)
+        if self.training:
+            return self.solver_train
+        return self.solver_eval or precise_settings(dtype, device)
+
+    def _backward_settings(self, dtype: torch.dtype, device: torch.device) -> SolverSettings:
+        """The adjoint solve's settings: ``solver_backward``, else ``BACKWARD_SOLVER`` in training and
+        ``precise_settings(dtype)`` at inference."""
+        if self.solver_backward is not None:
+            return self.solver_backward
+        return (
+            _settings("solver_backward", None, BACKWARD_SOLVER)
+            if self.training
+            else precise_settings(dtype, device)
+        )
 
     def _block_fixed_point(self, injection: torch.Tensor, edges, data) -> torch.Tensor:
         """``z* = fixed_point_norm(blocks(z* + injection_norm(u)))`` for the model's weight-tied
@@ -206,7 +249,10 @@ class DEQMixin:
         sid = getattr(data, "sid", None)
         structure_ids = sid.tolist() if torch.is_tensor(sid) else sid
         z0, reused = self._initial_state(injection, data)
-        settings = self._solver_settings(reused)
+        settings = self._solver_settings(reused, z0.dtype, z0.device)
+        # inference: always the implicit gradient (the forces are then the gradient of the returned
+        # energy); phantom and unrolled are training choices for the parameter gradient
+        gradient = self.gradient if self.training else "ift"
         max_iter = settings.max_iter
         record = set()
         correction = self.training and self.fp_correction_weight > 0 and torch.is_grad_enabled()
@@ -217,7 +263,7 @@ class DEQMixin:
             }
         common = (batch, num_graphs, settings)
         z_in = first = None
-        if self.gradient == "unrolled":
+        if gradient == "unrolled":
             result = solve(f, z0, *common, "fixed_point", structure_ids, record, track_grad=True)
             z = f(result.z)
         else:
@@ -226,11 +272,12 @@ class DEQMixin:
             # of the weights in autocast's cache: the steps below must cast them again, with
             # autograd, or the map's parameters get no gradient
             torch.clear_autocast_cache()
-            if self.gradient == "phantom":
+            if gradient == "phantom":
                 z_in, first, z = phantom_gradient(f, result.z, self.phantom_steps)
             else:
+                backward = self._backward_settings(z0.dtype, z0.device)
                 z_in, first = implicit_gradient(
-                    f, result.z, batch, num_graphs, self.solver_backward, self.solver, structure_ids
+                    f, result.z, batch, num_graphs, backward, self.solver, structure_ids
                 )
                 z = first
 
@@ -263,7 +310,8 @@ class DEQMixin:
         return z
 
     def extra_repr(self) -> str:
-        settings = {k: asdict(getattr(self, k)) for k in ("solver_train", "solver_eval", "solver_reuse")}
+        names = ("solver_train", "solver_eval", "solver_reuse", "solver_backward")
+        settings = {k: asdict(getattr(self, k)) if getattr(self, k) else "default" for k in names}
         return f"solver={self.solver}, gradient={self.gradient}, {settings}"
 
     def __getstate__(self) -> dict:
