@@ -94,7 +94,8 @@ class DEQMixin:
       inference every model uses the implicit gradient (IFT), so ``-dE/dpos`` forces (and any
       gradient taken in eval mode) are the exact gradient of the returned energy;
     * ``solver_backward``: the backward (adjoint) solve of the IFT; unset: ``BACKWARD_SOLVER``
-      (1e-6, 40) in training, ``precise_settings(dtype)`` at inference;
+      (1e-6, 40) in training, at inference ``precise_settings(dtype)`` or the forward solve's
+      settings, whichever is tighter;
     * ``reuse_fixed_point``: start each structure from the previous call's fixed point of the
       structure at the same place in the batch when its atomic numbers are the same (MD,
       relaxations, ordered datasets); a structure whose atoms differ starts from zero;
@@ -215,15 +216,20 @@ class DEQMixin:
             return self.solver_train
         return self.solver_eval or precise_settings(dtype, device)
 
-    def _backward_settings(self, dtype: torch.dtype, device: torch.device) -> SolverSettings:
+    def _backward_settings(
+        self, forward: SolverSettings, dtype: torch.dtype, device: torch.device
+    ) -> SolverSettings:
         """The adjoint solve's settings: ``solver_backward``, else ``BACKWARD_SOLVER`` in training and
-        ``precise_settings(dtype)`` at inference."""
+        at inference ``precise_settings(dtype)`` or the ``forward`` solve's, whichever is tighter."""
         if self.solver_backward is not None:
             return self.solver_backward
-        return (
-            _settings("solver_backward", None, BACKWARD_SOLVER)
-            if self.training
-            else precise_settings(dtype, device)
+        if self.training:
+            return _settings("solver_backward", None, BACKWARD_SOLVER)
+        precise = precise_settings(dtype, device)
+        return SolverSettings(
+            abs_tol=min(precise.abs_tol, forward.abs_tol),
+            rel_tol=min(precise.rel_tol, forward.rel_tol),
+            max_iter=max(precise.max_iter, forward.max_iter),
         )
 
     def _block_fixed_point(self, injection: torch.Tensor, edges, data) -> torch.Tensor:
@@ -275,7 +281,7 @@ class DEQMixin:
             if gradient == "phantom":
                 z_in, first, z = phantom_gradient(f, result.z, self.phantom_steps)
             else:
-                backward = self._backward_settings(z0.dtype, z0.device)
+                backward = self._backward_settings(settings, z0.dtype, z0.device)
                 z_in, first = implicit_gradient(
                     f, result.z, batch, num_graphs, backward, self.solver, structure_ids
                 )
