@@ -27,7 +27,7 @@ from fairchem_equiformers.deq import (
     jacobian_penalty,
     solve,
 )
-from fairchem_equiformers.deq.model import PRECISE_MAX_ITER
+from fairchem_equiformers.deq.model import PRECISE_MAX_ITER, precise_settings
 
 from .conftest import TINY_V2, cli_config, molecule_in_box, slab_with_adsorbate, to_batch
 from .test_registry_and_cli import run_fairchem
@@ -344,6 +344,26 @@ def test_force_training_gradients_second_order():
           f"IFT error {errors['ift']:.2f}, phantom error {errors['phantom']:.2f}")  # fmt: skip
     assert abs(numeric - float(grads["unrolled"][index])) < 1e-6 * scale
     assert errors["ift"] > 1e-3 and errors["phantom"] > 1e-3  # documented: not exact at second order
+
+
+def test_inference_solve_precision_follows_the_dtype(slab_structures):
+    """Unset, the inference solves stop at rel_tol 1e-6 in float32 (1e-10 in float64, above; 1e-3
+    under autocast) and converge there on the test model; training keeps solver_train."""
+    assert precise_settings(torch.float64).rel_tol == 1e-10
+    assert precise_settings(torch.float32).rel_tol == 1e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert precise_settings(torch.float32, torch.device("cpu")).rel_tol == 1e-3
+    model = deq_model({**TINY_DEQ, "direct_forces": False}, dtype=torch.float32)
+    batch = to_batch(slab_structures, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DEQConvergenceWarning)  # forward and backward solves converge
+        out = model(copy.deepcopy(batch))
+    print(f"float32 inference solve: {model.deq_stats}")
+    assert torch.isfinite(out["forces"]).all() and model.deq_stats["rel_residual"] <= 1e-6
+    model.train()
+    model(copy.deepcopy(batch))
+    assert model.deq_stats["max_iterations"] <= model.solver_train.max_iter
+    assert model.deq_stats["rel_residual"] > 1e-6  # stopped at solver_train's 1e-3
 
 
 # --- symmetry -------------------------------------------------------------------------------------
