@@ -116,7 +116,8 @@ DATASETS = {
 CUTOFF = 5.0  # A, every model
 MAX_NEIGHBORS = 100  # never reached at 5 A in these sets (no truncation of the graph)
 
-# Small MD17-style models (a few hundred thousand parameters), conservative forces.
+# Small MD17-style models (0.3-2 M parameters, an acac epoch in 0.3-0.6 min on 2 idle threads),
+# conservative forces.
 FAMILIES = {
     "equiformer_v2": dict(
         label="EquiformerV2", name="fairchem_equiformers.EquiformerV2", stress=True, avg=True,
@@ -1007,9 +1008,12 @@ def main() -> None:
               f"Machine: {info['machine']['cpu']} ({info['machine']['logical_cpus']} logical CPUs), "
               f"{args.threads} threads per run, models one after another. Versions: "
               + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ".", "",
-              "Training time: launch of the training command to its last checkpoint. Test errors of "
-              "the final checkpoint (EMA weights), float32. `x` columns: the model's MAE / MACE's.",
-              ""]  # fmt: skip
+              "Training time: launch of the training command to its last checkpoint; the budget "
+              f"counts {'CPU time per thread' if args.clock == 'cpu' else 'wall time'} "
+              f"(`--clock {args.clock}`), OMP_WAIT_POLICY={OMP_WAIT_POLICY or 'unset'}. `load`: the "
+              f"machine's mean 1-minute load average during the run ({args.threads} = the run alone). "
+              "Test errors of the final checkpoint (EMA weights), float32, on the whole test files. "
+              "`x` columns: the model's MAE / MACE's.", ""]  # fmt: skip
     (args.results / f"{name}.md").write_text("\n".join(header) + report + "\n")
     (args.results / f"{name}.json").write_text(
         json.dumps({**info, "results": results}, indent=1, default=str)
