@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase.constraints import FixAtoms
 from ase.data import chemical_symbols
 from tqdm import tqdm
 
@@ -231,7 +232,7 @@ def _record(frame: Frame, sid: int, fid: int, write_stress: bool):
     if "tags" not in atoms.arrays:
         fixed = np.zeros(len(atoms), dtype=bool)
         for constraint in atoms.constraints:
-            if type(constraint).__name__ == "FixAtoms":
+            if isinstance(constraint, FixAtoms):
                 fixed[constraint.get_indices()] = True
         atoms.set_tags(np.where(fixed, 0, 1))
     data = s2ef_data(atoms, frame.energy, frame.forces, sid=sid, fid=fid)
