@@ -35,8 +35,11 @@ TINY = {
     "DEQEquiformerV1": {**TINY_DEQ_V1, **DEQ_SOLVER},
     "E2Former": {**TINY_E2FORMER, "num_layers": 1},
 }
+# every registered model (backbones and heads are parts of models: their keys go through these)
 MODELS = sorted(
-    name for name in registry.mapping["model_name_mapping"] if name.startswith("fairchem_equiformers.")
+    name
+    for name in registry.mapping["model_name_mapping"]
+    if name.startswith("fairchem_equiformers.") and not name.endswith(("Backbone", "Head"))
 )
 # float64 energies [eV] and forces [eV/A] of the graph built on the fly and the stored one agree to
 # round-off: the same edges in another order (largest differences measured over the models and

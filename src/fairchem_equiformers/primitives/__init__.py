@@ -7,7 +7,7 @@ K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H h
 from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
 from .blocks import row_blocks
 from .dropout import EquivariantDropout, GraphDropPath
-from .graph import check_common_model_keys, check_structures, radius_graph_nonperiodic
+from .graph import Graph, build_graph, check_common_model_keys, check_structures, radius_graph_nonperiodic
 from .grid import S2Grid
 from .layout import SphericalLayout
 from .linear import SO3Linear
@@ -38,6 +38,7 @@ __all__ = [
     "BesselBasis",
     "NORMS",
     "EdgeRotation",
+    "Graph",
     "EquivariantDropout",
     "GateActivation",
     "GaussianBasis",
@@ -55,6 +56,7 @@ __all__ = [
     "SeparableS2Activation",
     "SmoothLeakyReLU",
     "SphericalLayout",
+    "build_graph",
     "check_common_model_keys",
     "check_structures",
     "edge_frame_angles",

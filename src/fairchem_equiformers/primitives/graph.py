@@ -1,11 +1,26 @@
-"""Neighbour graphs for molecules and input checks shared by every model family."""
+"""The one neighbour graph of every model family, and the input checks shared by all of them."""
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Graph:
+    """The edges of a batch.
+
+    ``edge_index: [2, E]`` (source, target); ``edge_vec: [E, 3]`` source - target, periodic
+    shift included, in the positions' dtype and carrying their gradient; ``cell_shift: [E, 3]``
+    the Cartesian shift of each source image (zeros without periodic boundaries)."""
+
+    edge_index: torch.Tensor
+    edge_vec: torch.Tensor
+    cell_shift: torch.Tensor
 
 
 def radius_graph_nonperiodic(
@@ -31,6 +46,39 @@ def radius_graph_nonperiodic(
     if not edges:
         return torch.zeros(2, 0, dtype=torch.long, device=pos.device)
     return torch.cat(edges, dim=1)
+
+
+def build_graph(model, data, pos: torch.Tensor) -> Graph:
+    """The graph of ``data`` with vectors from ``pos`` (``data.pos`` or its differentiable copy).
+
+    ``model`` carries fairchem's graph settings (``use_pbc``, ``use_pbc_single``, ``otf_graph``,
+    ``max_radius``, ``max_neighbors``, ``enforce_max_neighbors_strictly``) and fairchem's
+    ``generate_graph`` (``GraphModelMixin``). Molecules built on the fly use
+    ``radius_graph_nonperiodic``; periodic graphs come from fairchem's neighbour search (which
+    runs in float32 only: it sees a detached float32 copy and only picks the edges); with
+    ``otf_graph=False`` the batch's own ``edge_index`` (and ``cell_offsets``) are used. The
+    vectors are then ``pos[source] - pos[target] + cell_offsets @ cell`` in ``pos``'s dtype."""
+    if not model.use_pbc and model.otf_graph:
+        edge_index = radius_graph_nonperiodic(pos, data.batch, model.max_radius, model.max_neighbors)
+        shift = pos.new_zeros(edge_index.shape[1], 3)
+    else:
+        search_input = copy.copy(data)
+        search_input.pos = pos.detach().float()
+        if model.use_pbc:
+            search_input.cell = data.cell.detach().float()
+        found = model.generate_graph(
+            search_input,
+            enforce_max_neighbors_strictly=model.enforce_max_neighbors_strictly,
+            use_pbc_single=model.use_pbc_single,
+        )
+        edge_index = found.edge_index
+        if model.use_pbc:
+            cells = data.cell.to(pos.dtype)[data.batch[edge_index[0]]]  # [E, 3, 3]
+            shift = torch.einsum("ei,eij->ej", found.cell_offsets.to(pos.dtype), cells)
+        else:
+            shift = pos.new_zeros(edge_index.shape[1], 3)
+    source, target = edge_index
+    return Graph(edge_index, pos[source] - pos[target] + shift, shift)
 
 
 GRAPH_FLAGS = ("use_pbc", "use_pbc_single", "otf_graph", "regress_forces", "enforce_max_neighbors_strictly")
@@ -76,6 +124,75 @@ def _graph_name(graph: int, sid) -> str:
     return f"graph {graph} (sid {value})"
 
 
+MAX_BINS = 1 << 16  # voxels per axis and graph in the overlap search (keys stay below 2**63)
+
+
+def _close_pairs(
+    pos: torch.Tensor, batch: torch.Tensor, num_graphs: int, cell: torch.Tensor | None, min_distance: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs ``i < j`` ``[P]`` of atoms of one graph that may be closer than ``min_distance``
+    (periodic images included) and their (minimum-image) distances ``[P]``.
+
+    Atoms are hashed into voxels at least ``min_distance`` wide (fractional coordinates,
+    wrapped, with a cell); only atoms in the same or adjacent voxels are compared, so time and
+    memory are O(N log N) for any structure whose atoms are not piled up on one point."""
+    pos = pos.detach().double()
+    if cell is not None:
+        lattice = cell.detach().double()  # [B, 3, 3] (rows: lattice vectors)
+        frac = torch.linalg.solve(lattice.transpose(1, 2)[batch], pos[..., None])[..., 0]  # [N, 3]
+        frac = frac - torch.floor(frac)
+        volume = torch.linalg.det(lattice).abs()  # [B]
+        faces = torch.stack(
+            [torch.linalg.cross(lattice[:, (a + 1) % 3], lattice[:, (a + 2) % 3]).norm(dim=-1) for a in range(3)],
+            dim=1,
+        )  # [B, 3]
+        heights = volume[:, None] / faces  # [B, 3]
+        bins = torch.floor(heights / min_distance).clamp(1, MAX_BINS).long()  # [B, 3]
+        voxel = torch.floor(frac * bins[batch]).long().clamp_max(bins[batch] - 1)  # [N, 3]
+    else:
+        index = batch[:, None].expand(-1, 3)
+        low = torch.full((num_graphs, 3), math.inf, dtype=pos.dtype, device=pos.device)
+        low = low.scatter_reduce(0, index, pos, "amin")  # [B, 3]
+        extent = torch.zeros_like(low).scatter_reduce(0, index, pos - low[batch], "amax")
+        width = torch.clamp(extent / (MAX_BINS - 3), min=min_distance)  # [B, 3] voxel size
+        voxel = torch.floor((pos - low[batch]) / width[batch]).long()  # [N, 3]
+        bins = torch.full((num_graphs, 3), MAX_BINS, dtype=torch.long, device=pos.device)
+    atom_bins = bins[batch]  # [N, 3]
+
+    def key(v: torch.Tensor) -> torch.Tensor:
+        return ((batch * MAX_BINS + v[:, 0]) * MAX_BINS + v[:, 1]) * MAX_BINS + v[:, 2]
+
+    sorted_keys, order = torch.sort(key(voxel))
+    firsts, seconds = [], []
+    steps = torch.tensor([-1, 0, 1], device=pos.device)
+    for step in torch.cartesian_prod(steps, steps, steps):
+        neighbour = voxel + step
+        if cell is not None:
+            neighbour = neighbour % atom_bins
+        else:
+            neighbour = neighbour.clamp(0, MAX_BINS - 1)  # edges of the box: a duplicate voxel at worst
+        nk = key(neighbour)
+        lo = torch.searchsorted(sorted_keys, nk)
+        hi = torch.searchsorted(sorted_keys, nk, right=True)
+        counts = hi - lo  # [N] atoms in that voxel
+        first = torch.repeat_interleave(torch.arange(len(pos), device=pos.device), counts)
+        within = torch.arange(len(first), device=pos.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        second = order[torch.repeat_interleave(lo, counts) + within]
+        keep = first < second
+        firsts.append(first[keep])
+        seconds.append(second[keep])
+    i, j = torch.cat(firsts), torch.cat(seconds)
+    if cell is not None:
+        diff = frac[i] - frac[j]
+        diff = diff - torch.round(diff)
+        distance = torch.einsum("pa,pab->pb", diff, lattice[batch[i]]).norm(dim=-1)
+    else:
+        distance = (pos[i] - pos[j]).norm(dim=-1)
+    return i, j, distance
+
+
 def check_structures(
     atomic_numbers: torch.Tensor,
     pos: torch.Tensor,
@@ -87,7 +204,8 @@ def check_structures(
 ) -> None:
     """Raise ``ValueError`` naming the graph and atom for input no model can handle: an empty
     batch, atomic numbers outside ``[1, max_num_elements - 1]``, non-finite positions, or two
-    atoms (or an atom and a periodic image of another) closer than ``min_distance``."""
+    atoms (or an atom and a periodic image of another) closer than ``min_distance``. Time and
+    memory are O(N) (the overlap search hashes atoms into voxels)."""
     if natoms.numel() == 0 or int(natoms.sum()) == 0:
         raise ValueError("empty batch: no atoms to run the model on")
     if pos.shape[0] != atomic_numbers.shape[0]:
@@ -110,20 +228,15 @@ def check_structures(
     if bad_pos.any():
         i = int(bad_pos.nonzero()[0])
         raise ValueError(f"{locate(i)}: position {pos[i].tolist()} is not finite")
-    for graph, (start, count) in enumerate(zip(first_atom.tolist(), natoms.tolist())):
-        if count < 2:
-            continue
-        p = pos[start : start + count].detach()
-        diff = p[:, None, :] - p[None, :, :]  # [n, n, 3]
-        if cell is not None:
-            lattice = cell[graph].detach().to(p.dtype)
-            frac = torch.linalg.solve(lattice.T, diff.reshape(-1, 3).T).T
-            diff = (frac - torch.round(frac)) @ lattice
-        dist = diff.reshape(count, count, 3).norm(dim=-1)
-        dist.fill_diagonal_(float("inf"))
-        if (dist < min_distance).any():
-            i, j = (dist < min_distance).nonzero()[0].tolist()
-            raise ValueError(
-                f"{_graph_name(graph, sid)}: atoms {i} and {j} overlap "
-                f"(distance {float(dist[i, j]):.2e} A{' modulo the cell' if cell is not None else ''})"
-            )
+    i, j, distance = _close_pairs(pos, batch, natoms.numel(), cell, min_distance)
+    overlapping = distance < min_distance
+    if overlapping.any():
+        i, j, distance = i[overlapping], j[overlapping], distance[overlapping]
+        first = int(torch.argmin(i * len(pos) + j))  # the pair the old N x N search reported
+        a, b = int(i[first]), int(j[first])
+        graph = int(batch[a])
+        start = int(first_atom[graph])
+        raise ValueError(
+            f"{_graph_name(graph, sid)}: atoms {a - start} and {b - start} overlap "
+            f"(distance {float(distance[first]):.2e} A{' modulo the cell' if cell is not None else ''})"
+        )
