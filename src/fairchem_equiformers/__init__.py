@@ -6,18 +6,25 @@ config for the stock ``fairchem`` CLI (which imports the package on demand) and 
 import.
 """
 
-from .deq import DEQEquiformerV1, DEQEquiformerV2
+from .deq import DEQ, DEQBackbone, DEQEquiformerV1, DEQEquiformerV2
 from .e2former import E2Former
 from .equiformer_v1 import EquiformerV1
-from .equiformer_v2 import EquiformerV2
+from .equiformer_v2 import EquiformerV2, EquiformerV2Backbone, EquiformerV2EnergyHead, EquiformerV2ForceHead
+from .heads import GradientHead
 from .training import ForcesTrainer, NoisyNodesLmdbDataset
 
 __all__ = [
+    "DEQ",
+    "DEQBackbone",
     "DEQEquiformerV1",
     "DEQEquiformerV2",
     "E2Former",
     "EquiformerV1",
     "EquiformerV2",
+    "EquiformerV2Backbone",
+    "EquiformerV2EnergyHead",
+    "EquiformerV2ForceHead",
+    "GradientHead",
     "ForcesTrainer",
     "NoisyNodesLmdbDataset",
 ]

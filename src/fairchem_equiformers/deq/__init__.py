@@ -1,9 +1,9 @@
-"""Deep-equilibrium Equiformers: fixed-point solvers, gradients through fixed points, stabilisers
-and the DEQ models built on the plugin's EquiformerV2 and Equiformer (V1)."""
+"""Deep-equilibrium models over any backbone of the package: fixed-point solvers, gradients
+through fixed points, stabilisers, ``DEQBackbone`` / ``DEQ`` and the flat-keyed
+``DEQEquiformerV2`` / ``DEQEquiformerV1``."""
 
 from .gradients import GRADIENTS, implicit_gradient, phantom_gradient
-from .model import DEQEquiformerV2, DEQMixin
-from .model_v1 import DEQEquiformerV1
+from .model import DEQ, DEQBackbone, DEQEquiformerV1, DEQEquiformerV2
 from .solvers import SOLVERS, DEQConvergenceWarning, SolverResult, SolverSettings, solve
 from .stabilisers import (
     IrrepsWeightNorm,
@@ -14,10 +14,11 @@ from .stabilisers import (
 )
 
 __all__ = [
+    "DEQ",
+    "DEQBackbone",
     "DEQConvergenceWarning",
     "DEQEquiformerV1",
     "DEQEquiformerV2",
-    "DEQMixin",
     "GRADIENTS",
     "IrrepsWeightNorm",
     "SOLVERS",

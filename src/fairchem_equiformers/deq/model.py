@@ -1,22 +1,28 @@
-"""Deep-equilibrium EquiformerV2 (after "Scaling force fields with equivariant deep equilibrium
-models", Burger et al., arXiv:2509.08734).
+"""Deep-equilibrium models (after "Scaling force fields with equivariant deep equilibrium
+models", Burger et al., arXiv:2509.08734) over any backbone of the package.
 
-encode (EquiformerV2's atom and edge-degree embeddings: the injection ``u``) -> fixed point
-``z* = f(z*, u)`` -> decode (EquiformerV2's final norm, energy head and force head, direct or
-``-dE/dpos``). The map adds the normalised injection to the state, runs ``num_layers``
-EquiformerV2 transformer blocks and normalises the result:
+A backbone is ``readout(interact(*embed(data)))``. The DEQ keeps ``embed`` (the atom and
+edge-degree embeddings: the injection ``u``) and ``readout`` (the family's final norm, and for
+Equiformer (V1) its output block), and replaces ``interact`` (the transformer blocks) by its
+fixed point: the map adds the normalised injection to the state, runs the blocks once and
+normalises the result,
 
-    f(z, u) = norm_fp(blocks(z + norm_u(u))),   z_0 = 0 (or the previous frame's fixed point)
+    f(z, u) = norm_fp(interact(z + norm_u(u))),   z_0 = 0 (or the previous frame's fixed point)
 
-Normalisation choices (the reference offers several; these are fixed here): the injection is
-normalised once (``norm_u``) and the map's output too (``norm_fp``), both ``layer_norm_sh`` (scalars
-and ``l > 0`` each brought to unit scale, learnable affine weights) whatever ``norm_type`` the
-blocks use. With injection and state on the same scale the map contracts from initialisation
-(about 0.6 per plain iteration on the test models); without ``norm_u`` the small embeddings
-make it about 0.95, and with ``rms_norm_sh`` on the injection its ``l > 0`` part is too small
-for the solve to converge. Features that vanish by symmetry (an unrattled CH4) are rescaled by
-the norms and converge slowly. Dropout and drop-path are off inside ``f`` (they would change the
-map between solver iterations).
+``norm_u`` and ``norm_fp`` are the backbone's ``interaction_norm()``: ``layer_norm_sh`` for
+EquiformerV2 and E2Former (scalars and ``l > 0`` each brought to unit scale, learnable affine
+weights) whatever norm the blocks use, the equivariant layer norm on the node irreps for
+Equiformer (V1). With injection and state on the same scale the map contracts from
+initialisation (about 0.6 per plain iteration on the test models); without ``norm_u`` the small
+embeddings make it about 0.95, and with ``rms_norm_sh`` on the injection its ``l > 0`` part is
+too small for the solve to converge. Features that vanish by symmetry (an unrattled CH4) are
+rescaled by the norms and converge slowly. Dropout and drop-path are off inside ``f`` (they would
+change the map between solver iterations): the backbone's ``DROPOUT_KEYS`` must be 0.
+
+``DEQBackbone`` (``backbone:`` a family backbone) returns the backbone's embeddings, for
+fairchem's ``hydra`` model and any heads; ``DEQ`` (``backbone:`` a family model with its heads,
+e.g. ``fairchem_equiformers.EquiformerV2``) returns that model's outputs. ``DEQEquiformerV2`` and
+``DEQEquiformerV1`` are ``DEQ`` with those backbones and flat keys.
 """
 
 from __future__ import annotations
@@ -26,10 +32,9 @@ from dataclasses import asdict
 
 import torch
 from fairchem.core.common.registry import registry
-
-from fairchem_equiformers.equiformer_v2 import EquiformerV2
-from fairchem_equiformers.equiformer_v2.attention import EdgeContext
-from fairchem_equiformers.primitives import equivariant_norm
+from fairchem.core.common.utils import conditional_grad
+from fairchem.core.models.base import BackboneInterface
+from torch import nn
 
 from .gradients import GRADIENTS, implicit_gradient, phantom_gradient
 from .solvers import SOLVERS, SolverResult, SolverSettings, solve
@@ -68,18 +73,24 @@ def _settings(name: str, values: dict | None, default: dict, per_call: bool = Fa
     return SolverSettings(**{**default, **values})
 
 
-class DEQMixin:
-    """The deep-equilibrium machinery shared by :class:`DEQEquiformerV2` and
-    :class:`~fairchem_equiformers.deq.model_v1.DEQEquiformerV1`: argument checks, solver settings,
-    the solve with the chosen gradient, fixed-point reuse, stabiliser losses and statistics.
+DEQ_KEYS = (
+    "solver", "solver_train", "solver_eval", "solver_reuse", "gradient", "phantom_steps",
+    "solver_backward", "reuse_fixed_point", "weight_norm", "jacobian_weight", "fp_correction_weight",
+    "fp_correction_states",
+)  # fmt: skip
 
-    A model is ``class DEQModel(DEQMixin, Model)``: it lists the dropouts to refuse in
-    ``_deq_dropouts``, builds ``injection_norm`` / ``fixed_point_norm`` and calls
-    ``_weight_normalise(map_modules)`` in its ``__init__``, and its block loop (``_interact``)
-    returns ``self._fixed_point(f, injection, data)`` for its map ``f`` (``z -> f(z)``, any shape
-    ``[N, ...]``, the injection already inside ``f``).
 
-    DEQ arguments (keyword, every one with a default):
+@registry.register_model("fairchem_equiformers.DEQBackbone")
+class DEQBackbone(nn.Module, BackboneInterface):
+    """The fixed point of a backbone's blocks (see the module docstring).
+
+    ``backbone``: the wrapped model's section, ``{model: <registered name>, <its keys>}``; any
+    backbone (or composite model) of the package that implements ``embed`` / ``interact`` /
+    ``readout``, ``interaction_norm()``, ``interaction_blocks`` and ``DROPOUT_KEYS``. Its
+    attributes (``regress_forces``, ``direct_forces``, sizes) read through this object, so every
+    head of its family builds on a ``DEQBackbone`` as on the backbone itself.
+
+    DEQ keys (every one with a default):
 
     * ``solver``: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``;
     * ``solver_train`` / ``solver_eval`` / ``solver_reuse``: ``{abs_tol, rel_tol, max_iter}`` in
@@ -100,22 +111,21 @@ class DEQMixin:
       structure at the same place in the batch when its atomic numbers are the same (MD,
       relaxations, ordered datasets); a structure whose atoms differ starts from zero;
       ``reset_fixed_point()`` forgets them;
-    * stabilisers: ``weight_norm`` (on the map's linear layers), ``jacobian_weight`` (Hutchinson
-      Jacobian penalty at the fixed point), ``fp_correction_weight`` with
-      ``fp_correction_states`` (solver states, evenly spaced from ``z_0``). In training their
-      weighted sum is ``model.deq_auxiliary_loss`` (to add to the task loss), else ``None``.
+    * stabilisers: ``weight_norm`` (on the linear layers of the backbone's ``interaction_blocks``),
+      ``jacobian_weight`` (Hutchinson Jacobian penalty at the fixed point), ``fp_correction_weight``
+      with ``fp_correction_states`` (solver states, evenly spaced from ``z_0``).
 
-    After each forward, ``deq_stats`` holds scalars for logging (mean and max iterations,
-    largest residuals, fractions converged and reused) and ``last_solve`` the per-structure
+    The trainer reads two declared attributes after each training forward: ``deq_auxiliary_loss``
+    (the stabilisers' weighted sum, to add to the task loss; ``None`` outside training or without
+    stabilisers) and ``deq_stats`` (scalars for logging: mean and max iterations, largest
+    residuals, fractions converged and reused). ``last_solve`` holds the per-structure
     :class:`SolverResult`. Structures that do not converge (forward or backward solve) are named
     in a ``DEQConvergenceWarning`` and use their best iterate.
     """
 
-    _deq_dropouts: tuple[str, ...] = ()  # the base model's dropout arguments, refused unless 0
-
     def __init__(
         self,
-        *,
+        backbone: dict,
         solver: str = "anderson",
         solver_train: dict | None = None,
         solver_eval: dict | None = None,
@@ -128,13 +138,22 @@ class DEQMixin:
         jacobian_weight: float = 0.0,
         fp_correction_weight: float = 0.0,
         fp_correction_states: int = 1,
-        **model_args,
     ) -> None:
-        name = type(self).__name__
-        for dropout in self._deq_dropouts:
-            if model_args.pop(dropout, 0.0):
+        super().__init__()
+        if not isinstance(backbone, dict) or "model" not in backbone:
+            raise ValueError(
+                f"backbone={backbone!r} must be a section naming the wrapped model, e.g. "
+                "{model: fairchem_equiformers.EquiformerV2, num_layers: 2, ...}"
+            )
+        config = dict(backbone)
+        backbone_class = registry.get_model_class(config.pop("model"))
+        for key in ("embed", "interact", "readout", "interaction_norm", "DROPOUT_KEYS"):
+            if not hasattr(backbone_class, key):
+                raise ValueError(f"{backbone_class.__name__} cannot be wrapped by a DEQ: it has no {key}")
+        for dropout in backbone_class.DROPOUT_KEYS:
+            if config.pop(dropout, 0.0):
                 raise ValueError(
-                    f"{dropout} must be 0 in {name}: dropout would change the map between iterations"
+                    f"{dropout} must be 0 in a DEQ: dropout would change the map between iterations"
                 )
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r}; choose from {sorted(SOLVERS)}")
@@ -149,7 +168,9 @@ class DEQMixin:
             )
         if jacobian_weight > 0 and gradient == "unrolled":
             raise ValueError("jacobian_weight needs gradient='phantom' or 'ift' (the penalty is taken at z*)")
-        super().__init__(**dict.fromkeys(self._deq_dropouts, 0.0), **model_args)
+        self.backbone = backbone_class(**config, **dict.fromkeys(backbone_class.DROPOUT_KEYS, 0.0))
+        self.injection_norm = self.backbone.interaction_norm()
+        self.fixed_point_norm = self.backbone.interaction_norm()
         self.solver = solver
         self.solver_train = _settings("solver_train", solver_train, TRAIN_SOLVER)
         # None: inference uses precise_settings(dtype), training the TRAIN/REUSE/BACKWARD defaults
@@ -163,27 +184,55 @@ class DEQMixin:
         self.jacobian_weight = jacobian_weight
         self.fp_correction_weight = fp_correction_weight
         self.fp_correction_states = fp_correction_states
-        self.weight_normalised: list[str] = []
+        map_blocks = nn.ModuleList(list(self.backbone.interaction_blocks))
+        self.weight_normalised: list[str] = apply_weight_norm(map_blocks) if weight_norm else []
         self.deq_stats: dict[str, float] = {}
         self.last_solve: SolverResult | None = None
         self.deq_auxiliary_loss: torch.Tensor | None = None
         self._call_solver: SolverSettings | None = None
         self._previous: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
-    def _weight_normalise(self, map_modules) -> None:
-        """With ``weight_norm``, weight-normalise the linear layers of the map's modules."""
-        self.weight_normalised = apply_weight_norm(map_modules) if self.weight_norm else []
+    def __getattr__(self, name: str):
+        """Parameters and modules as usual, then the wrapped backbone's attributes."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "backbone" or "backbone" not in modules:
+                raise
+            return getattr(modules["backbone"], name)
 
+    @property
+    def regress_forces(self) -> bool:
+        return self.backbone.regress_forces
+
+    @property
+    def direct_forces(self) -> bool:
+        return self.backbone.direct_forces
+
+    @conditional_grad(torch.enable_grad())
     def forward(self, data, solver: SolverSettings | None = None) -> dict[str, torch.Tensor]:
+        """The backbone's embeddings at the fixed point (``solver``: settings for this call)."""
         self._call_solver = solver
         try:
-            return super().forward(data)
+            injection, state = self.backbone.embed(data)
+            return self.backbone.readout(self._block_fixed_point(injection, state, data), state, data)
         finally:
             self._call_solver = None
 
     def reset_fixed_point(self) -> None:
         """Forget the stored fixed points: the next call starts from zero."""
         self._previous = None
+
+    def no_weight_decay(self) -> set[str]:
+        """The wrapped model's rule (under ``backbone.``), the two norms, and the weight-norm
+        scales (per-row gains, exempt like a norm's affine weights; the directions are decayed
+        as the weights they replace)."""
+        exempt = {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
+        for name, _ in self.named_parameters():
+            if name.startswith(("injection_norm.", "fixed_point_norm.")) or name.endswith(".scale"):
+                exempt.add(name)
+        return exempt
 
     def _initial_state(self, injection: torch.Tensor, data) -> tuple[torch.Tensor, torch.Tensor]:
         """``z_0 [N, ...]`` and which structures ``[B]`` start from a stored fixed point."""
@@ -232,17 +281,12 @@ class DEQMixin:
             max_iter=max(precise.max_iter, forward.max_iter),
         )
 
-    def _block_fixed_point(self, injection: torch.Tensor, edges, data) -> torch.Tensor:
-        """``z* = fixed_point_norm(blocks(z* + injection_norm(u)))`` for the model's weight-tied
-        ``self.blocks`` (each called as ``block(x, edges, batch, num_graphs)``); ``[N, ...]``."""
+    def _block_fixed_point(self, injection: torch.Tensor, state, data) -> torch.Tensor:
+        """``z* = fixed_point_norm(interact(z* + injection_norm(u)))`` ``[N, ...]``."""
         injection = self.injection_norm(injection)
-        batch, num_graphs = data.batch, len(data.natoms)
 
         def f(z: torch.Tensor) -> torch.Tensor:
-            x = z + injection
-            for block in self.blocks:
-                x = block(x, edges, batch, num_graphs)
-            return self.fixed_point_norm(x)
+            return self.fixed_point_norm(self.backbone.interact(z + injection, state, data))
 
         return self._fixed_point(f, injection, data)
 
@@ -327,22 +371,75 @@ class DEQMixin:
         return state
 
 
+@registry.register_model("fairchem_equiformers.DEQ")
+class DEQ(DEQBackbone):
+    """A DEQ model: ``backbone`` names a family model with its heads (e.g.
+    ``{model: fairchem_equiformers.EquiformerV2, num_layers: 2, direct_forces: false, ...}``),
+    whose blocks become the fixed point's map and whose heads read the fixed point. ``forward``
+    returns that model's outputs (energy, forces, stress). Keys: see ``DEQBackbone``."""
+
+    @conditional_grad(torch.enable_grad())
+    def forward(self, data, solver: SolverSettings | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone.predict(data, super().forward(data, solver))
+
+
+def _split_keys(keys: dict) -> tuple[dict, dict]:
+    """(DEQ keys, the wrapped model's keys)."""
+    return {k: v for k, v in keys.items() if k in DEQ_KEYS}, {
+        k: v for k, v in keys.items() if k not in DEQ_KEYS
+    }
+
+
+def _flat_layout(model: nn.Module, rename: Callable[[str], str]) -> None:
+    """Accept state dicts of the flat layout these models had (the wrapped model's keys at the
+    top level, beside ``injection_norm`` / ``fixed_point_norm``): ``rename`` maps such a key
+    (without the module's prefix) to this layout's."""
+
+    def hook(state_dict, prefix, *args):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            local = key[len(prefix) :]
+            if local.startswith(("backbone.", "injection_norm.", "fixed_point_norm.")):
+                continue
+            state_dict[prefix + rename(local)] = state_dict.pop(key)
+
+    model._register_load_state_dict_pre_hook(hook)
+
+
 @registry.register_model("fairchem_equiformers.DEQEquiformerV2")
-class DEQEquiformerV2(DEQMixin, EquiformerV2):
-    """EquiformerV2 whose transformer blocks are replaced by the fixed point of ``num_layers``
-    weight-tied blocks (see the module docstring). Every EquiformerV2 argument is accepted
-    (``num_layers`` counts the blocks inside the map) except the dropouts inside it, and every
-    DEQ argument of :class:`DEQMixin` (solver, tolerances, gradient, reuse, stabilisers)."""
+class DEQEquiformerV2(DEQ):
+    """``DEQ`` over EquiformerV2 with flat keys: every EquiformerV2 key (``num_layers`` counts the
+    blocks inside the map, default 2) except its dropouts, and every DEQ key."""
 
-    _deq_dropouts = ("alpha_drop", "drop_path_rate", "proj_drop")
+    def __init__(self, num_layers: int = 2, **keys) -> None:
+        deq_keys, model_keys = _split_keys(keys)
+        model_keys = {"model": "fairchem_equiformers.EquiformerV2", "num_layers": num_layers, **model_keys}
+        super().__init__(model_keys, **deq_keys)
+        _flat_layout(self, lambda key: "backbone." + key)
 
-    def __init__(self, num_layers: int = 2, **args) -> None:
-        super().__init__(num_layers=num_layers, **args)
-        channels = self.norm.num_channels
-        self.injection_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
-        self.fixed_point_norm = equivariant_norm("layer_norm_sh", self.layout.lmax, channels)
-        self._weight_normalise(self.blocks)
 
-    def _interact(self, injection: torch.Tensor, edges: EdgeContext, data) -> torch.Tensor:
-        """The fixed point of the blocks, ``[N, K, C] -> [N, K, C]``."""
-        return self._block_fixed_point(injection, edges, data)
+@registry.register_model("fairchem_equiformers.DEQEquiformerV1")
+class DEQEquiformerV1(DEQ):
+    """``DEQ`` over Equiformer (V1) with flat keys: every EquiformerV1 key except its dropouts
+    (``num_layers``, default 1, counts the blocks inside the map; the output block, which maps to
+    ``irreps_feature``, comes on top: ``DEQEquiformerV1(num_layers=k)`` has the parameters of
+    ``EquiformerV1(num_layers=k + 1)`` plus the two norms), and every DEQ key. Gate activations
+    only (no S2 grid), so the map is exactly equivariant."""
+
+    def __init__(self, num_layers: int = 1, **keys) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers={num_layers} must be at least 1")
+        deq_keys, model_keys = _split_keys(keys)
+        model_keys = {
+            "model": "fairchem_equiformers.EquiformerV1",
+            "num_layers": num_layers + 1,
+            **model_keys,
+        }
+        super().__init__(model_keys, **deq_keys)
+        output_block = f"blocks.{num_layers}."
+
+        def rename(key: str) -> str:
+            if key.startswith("output_block."):
+                key = output_block + key[len("output_block.") :]
+            return "backbone." + key
+
+        _flat_layout(self, rename)

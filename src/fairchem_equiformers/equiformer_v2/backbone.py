@@ -27,7 +27,6 @@ from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 
 from fairchem_equiformers.heads import gradient_inputs, strained
-
 from fairchem_equiformers.primitives import (
     NORMS,
     EdgeRotation,
@@ -264,6 +263,18 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def add_heads(self) -> None:
         """Where a composite model adds its heads (none in the bare backbone): they are then
         initialised together with the backbone, in one pass (the released random stream)."""
+
+    DROPOUT_KEYS = ("alpha_drop", "drop_path_rate", "proj_drop")  # constructor keys of dropouts in interact
+
+    def interaction_norm(self) -> nn.Module:
+        """A new norm for the blocks' state ``[N, K, C]`` (a DEQ's injection and fixed-point norms):
+        ``layer_norm_sh`` whatever ``norm_type`` the blocks use."""
+        return equivariant_norm("layer_norm_sh", self.layout.lmax, self.norm.num_channels)
+
+    @property
+    def interaction_blocks(self) -> nn.ModuleList:
+        """The modules ``interact`` runs."""
+        return self.blocks
 
     @property
     def energy_head_class(self) -> type:

@@ -1,31 +1,32 @@
-"""Which parameters get weight decay (the official EquiformerV2 rule, for any model)."""
+"""Which parameters get weight decay: the model's own ``no_weight_decay()``, the only rule.
+
+Each family declares its rule on its backbone (EquiformerV2: the official list, biases of linear
+layers and every norm parameter; each other family its own), a DEQ adds its norms and
+weight-norm scales, and fairchem's models bring theirs. For fairchem's ``hydra`` model the rule
+is its backbone's, applied to the backbone and to every head."""
 
 from __future__ import annotations
 
+from fairchem.core.models.base import HydraModel
 from torch import nn
 
-# Parameters of these modules are never decayed: normalisation layers (torch's and every
-# equivariant norm, whose class names contain "Norm") and radial bases with learnable widths.
-NO_DECAY_MODULE_MARKERS = ("Norm", "RadialBasis", "Smearing")
-NO_DECAY_PARAMETER_NAMES = {"bias", "affine_weight", "affine_bias", "mean_shift"}
+
+def _hydra_rule(model: HydraModel) -> set[str]:
+    backbone = model.backbone
+    family = getattr(backbone, "backbone", backbone)  # a DEQBackbone's wrapped backbone
+    exempt = {f"backbone.{name}" for name in backbone.no_weight_decay()}
+    for head_name, head in model.output_heads.items():
+        exempt |= {f"output_heads.{head_name}.{name}" for name in type(family).no_weight_decay(head)}
+    return exempt
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
-    """Names (as in ``model.named_parameters()``) of parameters exempt from weight decay:
-    biases, every parameter of a normalisation layer or a radial basis, and whatever the model
-    lists in ``no_weight_decay()``. Everything else (linear and SO(2) weights, embeddings,
-    attention vectors) is decayed."""
-    exempt_ids = set()
-    for module in model.modules():
-        marked = any(marker in type(module).__name__ for marker in NO_DECAY_MODULE_MARKERS)
-        for name, param in module.named_parameters(recurse=False):
-            if marked or name in NO_DECAY_PARAMETER_NAMES or name.endswith("_bias"):
-                exempt_ids.add(id(param))
-    listed = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    """Names (as in ``model.named_parameters()``) of the parameters exempt from weight decay."""
+    listed = _hydra_rule(model) if isinstance(model, HydraModel) else set(model.no_weight_decay())
     return {
         name
-        for name, param in model.named_parameters()
-        if id(param) in exempt_ids or name in listed or any(name.endswith("." + n) for n in listed)
+        for name, _ in model.named_parameters()
+        if name in listed or any(name.endswith("." + n) for n in listed)
     }
 
 

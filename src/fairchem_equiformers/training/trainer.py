@@ -44,6 +44,8 @@ from fairchem.core.common.registry import registry
 from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 from fairchem.core.trainers import OCPTrainer
 
+from fairchem_equiformers.deq import DEQBackbone
+
 from .param_groups import parameter_groups
 from .schedule import LRScheduler
 
@@ -193,14 +195,15 @@ class ForcesTrainer(OCPTrainer):
     def _compute_loss(self, out, batch) -> torch.Tensor:
         self._update_loss_coefficients()
         loss = super()._compute_loss(out, batch)
-        model = self._unwrapped_model
-        auxiliary = getattr(model, "deq_auxiliary_loss", None)  # DEQ stabilisers (training only)
-        if self.model.training and auxiliary is not None:
-            loss = loss + auxiliary
-        stats = getattr(model, "deq_stats", None)  # DEQ solver iterations and residuals
-        if stats and self.logger is not None and distutils.is_master():
-            split = "train" if self.model.training else "val"
-            self.logger.log({f"deq_{k}": v for k, v in stats.items()}, step=self.step, split=split)
+        for deq in (m for m in self._unwrapped_model.modules() if isinstance(m, DEQBackbone)):
+            # the DEQ's declared outputs: stabiliser losses (training only) and solver statistics
+            if self.model.training and deq.deq_auxiliary_loss is not None:
+                loss = loss + deq.deq_auxiliary_loss
+            if deq.deq_stats and self.logger is not None and distutils.is_master():
+                split = "train" if self.model.training else "val"
+                self.logger.log(
+                    {f"deq_{k}": v for k, v in deq.deq_stats.items()}, step=self.step, split=split
+                )
         self._rank_and_global_loss = None
         if self.model.training and distutils.initialized() and distutils.get_world_size() > 1:
             # each rank's loss is its share of the global batch's mean (fairchem's DDPLoss)
