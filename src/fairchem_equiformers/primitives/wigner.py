@@ -27,18 +27,18 @@ from e3nn import o3
 
 @cache
 def swap_matrix(l: int) -> torch.Tensor:
-    """J_l ``[2l+1, 2l+1]`` in float64: the Wigner-D of Euler angles (pi/2, pi/2, pi/2).
+    """J_l ``[2l+1, 2l+1]`` in float64: e3nn's Wigner-D of Euler angles (pi/2, pi/2, pi/2).
 
-    Fitted from spherical harmonics (``Y(R v) = D(R) Y(v)``) at random points; exact to float64
-    round-off because e3nn's harmonics are explicit polynomials."""
-    generator = torch.Generator().manual_seed(l)
-    points = torch.randn(4 * (2 * l + 1), 3, dtype=torch.float64, generator=generator)
-    half_pi = torch.tensor(math.pi / 2, dtype=torch.float64)
-    rotation = o3.angles_to_matrix(half_pi, half_pi, half_pi)
-    y_before = o3.spherical_harmonics(l, points, normalize=True)  # [P, 2l+1]
-    y_after = o3.spherical_harmonics(l, points @ rotation.T, normalize=True)  # [P, 2l+1]
-    d_transposed = torch.linalg.lstsq(y_before, y_after).solution  # y_after = y_before D^T
-    return d_transposed.T.contiguous()
+    e3nn builds the matrix from its so(3) generators in the default dtype; they are built here in
+    float64 (from float32 generators the entries would be 1e-7 off), so ``Y(R v) = J Y(v)`` holds
+    to float64 round-off (measured 9e-15 at l = 10)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        half_pi = torch.tensor(math.pi / 2)
+        return o3.wigner_D(l, half_pi, half_pi, half_pi).contiguous()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def multiple_angles(cos: torch.Tensor, sin: torch.Tensor, lmax: int):
