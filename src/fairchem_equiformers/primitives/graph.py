@@ -143,7 +143,10 @@ def _close_pairs(
         frac = frac - torch.floor(frac)
         volume = torch.linalg.det(lattice).abs()  # [B]
         faces = torch.stack(
-            [torch.linalg.cross(lattice[:, (a + 1) % 3], lattice[:, (a + 2) % 3]).norm(dim=-1) for a in range(3)],
+            [
+                torch.linalg.cross(lattice[:, (a + 1) % 3], lattice[:, (a + 2) % 3]).norm(dim=-1)
+                for a in range(3)
+            ],
             dim=1,
         )  # [B, 3]
         heights = volume[:, None] / faces  # [B, 3]
