@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" .venv/bin/python -m fairchem_equiformers.demo "$@"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" .venv/bin/python -m fairchem_equiformers.tools.demo "$@"

@@ -349,7 +349,7 @@ def test_relaxation_config_runs_with_the_stock_cli(path, emt_database, tmp_path)
     (positions,) = (tmp_path / "run").rglob("relaxed_positions.npz")
 
     # the relaxation outputs are what the IS2RE / IS2RS submission command reads
-    from fairchem_equiformers.submission import load_split
+    from fairchem_equiformers.tools.submission import load_split
 
     is2re = load_split("is2re", "id", tmp_path / "trajectories")
     is2rs = load_split("is2rs", "id", positions)

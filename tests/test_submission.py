@@ -26,7 +26,7 @@ from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 from fairchem.core.trainers import OCPTrainer
 
-from fairchem_equiformers.submission import (
+from fairchem_equiformers.tools.submission import (
     DATASET_SPLITS,
     SubmissionError,
     SubmissionWarning,

@@ -1,15 +1,5 @@
-"""The EMT dataset build (adsorbate/slab data), and what every dataset build shares.
-
-Every build writes, under ``out``::
-
-    s2ef/{train,val,test}/data.lmdb, metadata.npz   S2EF frames (y, force, ...)
-    is2re/{train,val,test}/...                      EMT only: IS2RE/IS2RS records
-    element_references.pt, normalizers.pt           fitted on s2ef/train (``references``)
-    manifest.json                                   parameters, counts, energy references
-    dataset.yml                                     the fairchem ``dataset`` config section
-
-A split with fraction 0 is not written; with fractions summing to 1 there is no train split (a
-held-out set) and no references are fitted.
+"""The EMT dataset build: adsorbate/slab systems (``emt``) through the common pipeline
+(``pipeline``), with IS2RE/IS2RS records in ``is2re/{train,val,test}`` beside the S2EF frames.
 """
 
 from __future__ import annotations
@@ -17,7 +7,6 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,28 +18,14 @@ from .emt import SystemFrames, draw_spec, generate_system, system_rng
 from .errors import DataBuildError
 from .lmdb_writer import SplitWriters
 from .oc20_format import is2re_data, s2ef_data
-from .output import staged_output, write_dataset_config, write_manifest
-from .references import KEY_MAPPING, write_references
+from .output import staged_output
+from .pipeline import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, BuildReport, finish_dataset
+from .references import fit_references
 from .slabs import METALS, relaxed_clean_slab
 from .splits import assign_splits, present_splits
 
 DEFAULT_NUM_SYSTEMS = 200
 DEFAULT_MAX_FORCE = 20.0  # eV/A
-DEFAULT_VAL_FRACTION = 0.1
-DEFAULT_TEST_FRACTION = 0.1
-
-
-@dataclass
-class BuildReport:
-    """Where a build went: ``counts`` maps ``"s2ef/train"`` etc. to entries, ``files`` names the extras."""
-
-    out: Path
-    counts: dict[str, int]
-    files: dict[str, Path]
-    dropped_frames: int = 0
-    is2re_excluded: int = 0
-    seconds: dict[str, float] = field(default_factory=dict)  # wall time of the costly stages
-    notes: list[str] = field(default_factory=list)  # summary lines the CLI prints (``convert``)
 
 
 def check_choices(given: Iterable[str], allowed: Iterable[str], what: str) -> list[str]:
@@ -71,31 +46,6 @@ def worker_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator
         return
     with multiprocessing.get_context().Pool(workers) as pool:
         yield partial(pool.imap, chunksize=1)
-
-
-def _finish(
-    stage: Path,
-    out: Path,
-    splits: list[str],
-    counts: dict[str, int],
-    seed: int,
-    manifest: dict[str, Any],
-    element_energies: dict[int, float] | None = None,
-    stress: bool = False,
-) -> dict[str, Path]:
-    """Write the references of the train split (if any; see ``references``), the manifest and
-    the config snippet. Returns the written files by name, as paths under ``out``.
-    """
-    files = {}
-    if "train" in splits:
-        train = stage / "s2ef" / "train"
-        files["element_references"], files["normalizers"] = write_references(
-            stage, train, seed, element_energies, stress
-        )
-    manifest = {**manifest, "counts": counts, "key_mapping": KEY_MAPPING}
-    files["manifest"] = write_manifest(stage, manifest)
-    files["dataset_config"] = write_dataset_config(stage, out, splits)
-    return {name: out / path.name for name, path in files.items()}
 
 
 def build_emt_dataset(
@@ -162,23 +112,20 @@ def build_emt_dataset(
                 references=references,
                 max_force=max_force,
             )
-            s2ef, is2re = SplitWriters(stage, "s2ef", splits), SplitWriters(stage, "is2re", splits)
-            try:
+            with SplitWriters(stage, "s2ef", splits) as s2ef, SplitWriters(stage, "is2re", splits) as is2re:
                 systems = pmap(generate, range(num_systems))
                 for result in tqdm(systems, total=num_systems, desc="EMT systems", disable=not progress):
                     _write_system(result, split_of[result.spec.sid], s2ef, is2re, report, first_sid)
-            except BaseException:
-                s2ef.abort()
-                is2re.abort()
-                raise
-        report.counts = {**s2ef.close(), **is2re.close()}
+        report.counts = {**s2ef.counts, **is2re.counts}
         manifest = {
             **parameters,
             "dropped_frames": report.dropped_frames,
             "is2re_excluded_systems": report.is2re_excluded,
             "energy": _emt_energy_description(gas, references),
         }
-        report.files = _finish(stage, out, splits, report.counts, seed, manifest)
+        report.files = finish_dataset(
+            stage, out, splits, report.counts, manifest, partial(fit_references, seed=seed)
+        )
     return report
 
 

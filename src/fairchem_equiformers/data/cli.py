@@ -18,17 +18,11 @@ import sys
 from pathlib import Path
 
 from .adsorbates import ADSORBATES
-from .build import (
-    DEFAULT_MAX_FORCE,
-    DEFAULT_NUM_SYSTEMS,
-    DEFAULT_TEST_FRACTION,
-    DEFAULT_VAL_FRACTION,
-    BuildReport,
-    build_emt_dataset,
-)
+from .build import DEFAULT_MAX_FORCE, DEFAULT_NUM_SYSTEMS, build_emt_dataset
 from .convert import convert_user_data
 from .errors import DataBuildError
 from .molecules import MD17_MOLECULES, build_md17_dataset
+from .pipeline import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, BuildReport
 from .qm9 import DEFAULT_CONFORMERS, DEFAULT_RATTLE, build_qm9_dataset
 from .slabs import METALS
 

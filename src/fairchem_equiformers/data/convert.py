@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +32,15 @@ from ase.constraints import FixAtoms
 from ase.data import chemical_symbols
 from tqdm import tqdm
 
-from .build import BuildReport, _finish
 from .errors import DataBuildError
 from .frames import Frame
 from .lmdb_writer import SplitWriters
 from .oc20_format import s2ef_data
 from .output import check_output, staged_output
+from .pipeline import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, BuildReport, finish_dataset
+from .references import fit_references
 from .splits import SPLITS, assign_splits, present_splits
 from .user_data import BadFrame, LabelKeys, expand_inputs, read_frames, read_isolated_atoms
-
-DEFAULT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,13 @@ def _group_of(split_by: str, frame: Frame, file: int, index: int, where: str) ->
 def _fractions(val_fraction, test_fraction, val_inputs, test_inputs) -> tuple[float, float]:
     """The fractions of the training files' groups for val and test (0 where files are given)."""
     chosen = []
-    for name, fraction, files in (("val", val_fraction, val_inputs), ("test", test_fraction, test_inputs)):
+    for name, fraction, files, default in (
+        ("val", val_fraction, val_inputs, DEFAULT_VAL_FRACTION),
+        ("test", test_fraction, test_inputs, DEFAULT_TEST_FRACTION),
+    ):
         if files and fraction:
             raise DataBuildError(f"give either --{name}-input or --{name}-fraction, not both")
-        chosen.append(0.0 if files else DEFAULT_FRACTION if fraction is None else fraction)
+        chosen.append(0.0 if files else default if fraction is None else fraction)
     return chosen[0], chosen[1]
 
 
@@ -168,8 +171,7 @@ def convert_user_data(
     report = BuildReport(out=out, counts={}, files={})
     ids = _ids(scanned, split_by)
     with staged_output(out, overwrite) as stage:
-        writers = SplitWriters(stage, "s2ef", splits)
-        try:
+        with SplitWriters(stage, "s2ef", splits) as writers:
             position = 0
             with tqdm(total=len(scanned), desc="writing", unit=" frames", disable=show) as bar:
                 for _, path in files:
@@ -179,10 +181,7 @@ def convert_user_data(
                         writers.add(split_of[position], _record(frame, *ids[position], write_stress))
                         position += 1
                         bar.update()
-        except BaseException:
-            writers.abort()
-            raise
-        report.counts = writers.close()
+        report.counts = writers.counts
         manifest = {
             "source": "convert",
             "inputs": {role: [str(path) for path in sources[role]] for role in SPLITS},
@@ -203,9 +202,8 @@ def convert_user_data(
             "stress": "eV/A^3, ASE's sign ((1/V) dE/d(strain))" if write_stress else None,
             "skipped_frames": [{"frame": item.where, "reason": item.reason} for item in bad],
         }
-        report.files = _finish(
-            stage, out, splits, report.counts, seed, manifest, element_energies, write_stress
-        )
+        fit = partial(fit_references, seed=seed, element_energies=element_energies, stress=write_stress)
+        report.files = finish_dataset(stage, out, splits, report.counts, manifest, fit)
     report.dropped_frames = len(bad)
     report.notes = _summary(scanned, split_of, split_by, groups, bad, with_stress, write_stress)
     return report

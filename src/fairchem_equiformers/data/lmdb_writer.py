@@ -97,11 +97,27 @@ class LmdbWriter:
 
 
 class SplitWriters:
-    """One ``LmdbWriter`` per split of a task, in ``<root>/<task>/<split>``."""
+    """One ``LmdbWriter`` per split of a task, in ``<root>/<task>/<split>``.
+
+    Use as a context manager: on leaving it every split is closed (``counts`` then holds the
+    entries per split) or, after an exception, aborted.
+    """
 
     def __init__(self, root: Path, task: str, splits: list[str]) -> None:
         self.task = task
         self.writers = {split: LmdbWriter(root / task / split) for split in splits}
+        self.counts: dict[str, int] = {}
+
+    def __enter__(self) -> SplitWriters:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.counts = self.close()
+        else:
+            self.abort()
 
     def add(self, split: str, data: Data) -> None:
         """Append ``data`` to ``split``."""

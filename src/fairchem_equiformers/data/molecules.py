@@ -17,7 +17,7 @@ import os
 import pickle
 import subprocess
 import sys
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +29,13 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.optimize import BFGS
 from tqdm import tqdm
 
-from .build import BuildReport, _finish
 from .errors import DataBuildError
 from .lmdb_writer import SplitWriters
 from .oc20_format import s2ef_data
 from .output import staged_output
+from .pipeline import BuildReport, finish_dataset
+from .references import fit_references
+from .splits import assign_sizes, present_splits
 
 TIMESTEP_FS = 0.5  # MD17's step
 FRICTION_PER_FS = 0.002  # weak coupling: close to microcanonical over a few hundred steps
@@ -132,8 +134,9 @@ def _minimum(name: str) -> Atoms:
     return atoms
 
 
-def _trajectory(name: str, num_frames: int, seed: int, temperature: float, stride: int) -> dict:
-    """The MD of ``md_frames`` in this process: atomic numbers, positions, energies, forces."""
+def md_trajectory(name: str, num_frames: int, seed: int, temperature: float, stride: int) -> dict:
+    """The MD of ``md_frames`` in this process (run it in a fresh one, see ``md_frames``): atomic
+    numbers, positions, energies, forces."""
     atoms = _minimum(name).copy()
     atoms.center()
     atoms.calc = gfn2_calculator()
@@ -160,8 +163,8 @@ def _trajectory(name: str, num_frames: int, seed: int, temperature: float, strid
 _FRESH_PROCESS = """
 import pickle, sys
 import tblite.ase
-from fairchem_equiformers.data.molecules import _trajectory
-pickle.dump(_trajectory(*pickle.load(sys.stdin.buffer)), sys.stdout.buffer)
+from fairchem_equiformers.data.molecules import md_trajectory
+pickle.dump(md_trajectory(*pickle.load(sys.stdin.buffer)), sys.stdout.buffer)
 """
 
 
@@ -214,11 +217,8 @@ def md17_splits(num_frames: int, train_size: int, val_size: int, seed: int) -> l
             f"{num_frames} frames cannot hold {train_size} train (at least 2) + {val_size} val frames "
             "and a test set"
         )
-    order = np.random.default_rng([seed, 0x5EED]).permutation(num_frames)
-    split = np.array(["test"] * num_frames, dtype=object)
-    split[order[:train_size]] = "train"
-    split[order[train_size : train_size + val_size]] = "val"
-    return [str(name) for name in split]
+    test_size = num_frames - train_size - val_size
+    return assign_sizes({"train": train_size, "val": val_size, "test": test_size}, seed)
 
 
 def build_md17_dataset(
@@ -242,19 +242,15 @@ def build_md17_dataset(
     if molecule_name not in MD17_MOLECULES:
         raise DataBuildError(f"unknown molecule {molecule_name!r}; choose from {', '.join(MD17_MOLECULES)}")
     split_of = md17_splits(num_frames, train_size, val_size, seed)
-    splits = [name for name in ("train", "val", "test") if name in split_of]
+    splits = present_splits(split_of)
     report = BuildReport(out=out, counts={}, files={})
     with staged_output(out, overwrite) as stage:
         frames = md_frames(molecule_name, num_frames, seed, temperature, stride)
-        writers = SplitWriters(stage, "s2ef", splits)
-        try:
+        with SplitWriters(stage, "s2ef", splits) as writers:
             for sid, atoms in enumerate(tqdm(frames, desc=molecule_name, disable=not progress)):
                 data = s2ef_data(atoms, atoms.get_potential_energy(), atoms.get_forces(), sid=sid, fid=0)
                 writers.add(split_of[sid], data)
-        except BaseException:
-            writers.abort()
-            raise
-        report.counts = writers.close()
+        report.counts = writers.counts
         manifest = {
             "source": "md17",
             "molecule": molecule_name,
@@ -268,5 +264,6 @@ def build_md17_dataset(
             "friction_per_fs": FRICTION_PER_FS,
             "energy": {"y": "GFN2-xTB total energy (eV), tblite", "forces": "eV/A"},
         }
-        report.files = _finish(stage, out, splits, report.counts, seed, manifest)
+        fit = partial(fit_references, seed=seed)
+        report.files = finish_dataset(stage, out, splits, report.counts, manifest, fit)
     return report

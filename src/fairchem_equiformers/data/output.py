@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -67,19 +67,23 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def dataset_config(out: Path, splits: list[str]) -> dict[str, Any]:
-    """fairchem 1.10 ``dataset`` section for the S2EF ``splits`` of ``out`` (paths as ``out`` is given).
+def dataset_config(
+    out: Path,
+    splits: list[str],
+    task: str = "s2ef",
+    key_mapping: Mapping[str, str] | None = KEY_MAPPING,
+) -> dict[str, Any]:
+    """fairchem 1.10 ``dataset`` section for the ``task`` ``splits`` of ``out`` (paths as ``out`` is given).
 
-    val/test inherit ``key_mapping`` from train in fairchem, but state it for clarity; the
-    normalizer and element references are read from ``train.transforms`` (present with train).
+    val/test inherit ``key_mapping`` from train in fairchem, but state it for clarity (None: no
+    mapping, the fields carry the target names); the normalizer and element references are read
+    from ``train.transforms`` (present with train).
     """
     section: dict[str, Any] = {}
     for split in splits:
-        entry: dict[str, Any] = {
-            "format": "lmdb",
-            "src": str(out / "s2ef" / split),
-            "key_mapping": dict(KEY_MAPPING),
-        }
+        entry: dict[str, Any] = {"format": "lmdb", "src": str(out / task / split)}
+        if key_mapping is not None:
+            entry["key_mapping"] = dict(key_mapping)
         if split == "train":
             entry["transforms"] = {
                 "element_references": {"file": str(out / ELEMENT_REFERENCES_FILE)},
@@ -89,8 +93,14 @@ def dataset_config(out: Path, splits: list[str]) -> dict[str, Any]:
     return {"dataset": section}
 
 
-def write_dataset_config(folder: Path, out: Path, splits: list[str]) -> Path:
+def write_dataset_config(
+    folder: Path,
+    out: Path,
+    splits: list[str],
+    task: str = "s2ef",
+    key_mapping: Mapping[str, str] | None = KEY_MAPPING,
+) -> Path:
     """Write ``dataset.yml``: the config snippet to train on this dataset (see ``dataset_config``)."""
     path = folder / DATASET_CONFIG_FILE
-    path.write_text(yaml.safe_dump(dataset_config(out, splits), sort_keys=False))
+    path.write_text(yaml.safe_dump(dataset_config(out, splits, task, key_mapping), sort_keys=False))
     return path

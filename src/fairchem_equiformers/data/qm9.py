@@ -30,32 +30,34 @@ import os
 import pickle
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from ase import Atoms
 from ase.build import molecule
 from ase.collections import g2
-from fairchem.core.datasets import LmdbDataset
-from fairchem.core.modules.normalization.element_references import fit_linear_references
-from fairchem.core.modules.normalization.normalizer import fit_normalizers
 from torch_geometric.data import Data
 
-from .build import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, BuildReport
 from .errors import DataBuildError
 from .lmdb_writer import SplitWriters
 from .oc20_format import structure_data
-from .output import DATASET_CONFIG_FILE, staged_output, write_manifest
-from .references import ELEMENT_REFERENCES_FILE, FIT_BATCH_SIZE, NORMALIZERS_FILE
+from .output import staged_output
+from .pipeline import (
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    PROPERTIES,
+    BuildReport,
+    finish_dataset,
+)
+from .references import fit_property_references
 from .splits import assign_splits, present_splits
 
 ELEMENTS = frozenset("CHNOF")
 MAX_HEAVY_ATOMS = 12
 DEFAULT_CONFORMERS = 3000
 DEFAULT_RATTLE = 0.05  # A, per coordinate: energies spread by ~0.5 eV around each G2 geometry
-TASK = "properties"
 SCALAR_TARGETS = ("energy", "homo", "lumo", "gap")
 DIPOLE_TARGETS = ("dipole_moment", "dipole_moment_vector")
 
@@ -112,31 +114,6 @@ def property_data(atoms: Atoms, labels: dict[str, object], sid: int) -> Data:
     return data
 
 
-def _fit_and_save(stage: Path, seed: int) -> dict[str, Path]:
-    """Linear reference of ``energy`` and normalizers of the scalar targets, fitted on train."""
-    dataset = LmdbDataset({"src": str(stage / TASK / "train")})
-    common = {"dataset": dataset, "batch_size": FIT_BATCH_SIZE, "shuffle": False, "seed": seed}
-    references = fit_linear_references(targets=["energy"], **common)
-    normalizers = fit_normalizers(
-        targets=list(SCALAR_TARGETS), element_references=references, override_values={}, **common
-    )
-    files = {"element_references": stage / ELEMENT_REFERENCES_FILE, "normalizers": stage / NORMALIZERS_FILE}
-    torch.save(references, files["element_references"])
-    torch.save(normalizers, files["normalizers"])
-    return files
-
-
-def _dataset_config(out: Path, splits: list[str]) -> dict:
-    """The fairchem ``dataset`` section for ``out`` (no ``key_mapping``: fields carry target names)."""
-    section = {split: {"format": "lmdb", "src": str(out / TASK / split)} for split in splits}
-    if "train" in section:
-        section["train"]["transforms"] = {
-            "element_references": {"file": str(out / ELEMENT_REFERENCES_FILE)},
-            "normalizer": {"file": str(out / NORMALIZERS_FILE)},
-        }
-    return {"dataset": section}
-
-
 def build_qm9_dataset(
     out: Path,
     *,
@@ -161,15 +138,10 @@ def build_qm9_dataset(
         structures = [conformer(index, seed, rattle) for index in range(num_conformers)]
         labels, seconds = label_conformers(structures)
         report.seconds = {"labelling": seconds}
-        writers = SplitWriters(stage, TASK, splits)
-        try:
+        with SplitWriters(stage, PROPERTIES.task, splits) as writers:
             for sid, (atoms, label) in enumerate(zip(structures, labels)):
                 writers.add(split_of[sid], property_data(atoms, label, sid))
-        except BaseException:
-            writers.abort()
-            raise
-        report.counts = writers.close()
-        files = _fit_and_save(stage, seed) if "train" in splits else {}
+        report.counts = writers.counts
         manifest = {
             "source": "qm9",
             "seed": seed,
@@ -187,10 +159,7 @@ def build_qm9_dataset(
                 "dipole_moment": "Debye",
                 "dipole_moment_vector": "Debye",
             },
-            "counts": report.counts,
         }
-        files["manifest"] = write_manifest(stage, manifest)
-        files["dataset_config"] = stage / DATASET_CONFIG_FILE
-        files["dataset_config"].write_text(yaml.safe_dump(_dataset_config(out, splits), sort_keys=False))
-        report.files = {name: out / path.name for name, path in files.items()}
+        fit = partial(fit_property_references, seed=seed, targets=SCALAR_TARGETS)
+        report.files = finish_dataset(stage, out, splits, report.counts, manifest, fit, PROPERTIES)
     return report

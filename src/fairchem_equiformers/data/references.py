@@ -10,16 +10,19 @@ fairchem's trainer itself saves and ``load_references_from_config`` /
 The element reference is either given (isolated-atom energies, eV per atom of each element) or
 fitted on the train split's energies (least squares of energy against element counts).
 
-One scale for every target: energy, forces and stress are divided by the same number, the RMS of
-the train split's force vectors (eV/A; fairchem's fit of the forces normalizer), so that a model whose
-forces are ``-dE/dpos`` (and stress ``(1/V) dE/d(strain)``) in normalized units has them so in eV
-too (the trainer denormalizes each target with its own normalizer; fairchem's OC20 configs use one
-scale for energy and forces for the same reason). The energy normalizer's mean is the mean of the
-referenced energies (energy minus the element reference); forces and stress have mean 0.
+S2EF datasets (``fit_references``) use one scale for every target: energy, forces and stress are
+divided by the same number, the RMS of the train split's force vectors (eV/A; fairchem's fit of the
+forces normalizer), so that a model whose forces are ``-dE/dpos`` (and stress ``(1/V)
+dE/d(strain)``) in normalized units has them so in eV too (the trainer denormalizes each target
+with its own normalizer; fairchem's OC20 configs use one scale for energy and forces for the same
+reason). The energy normalizer's mean is the mean of the referenced energies (energy minus the
+element reference); forces and stress have mean 0. Property datasets (``fit_property_references``,
+QM9 style) normalize each scalar target by its own mean and RMSD.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -69,15 +72,25 @@ def fit_references(
     return element_references, normalizers
 
 
-def write_references(
-    root: Path,
-    train_src: Path,
-    seed: int,
-    element_energies: dict[int, float] | None = None,
-    stress: bool = False,
+def fit_property_references(
+    train_src: Path, seed: int, targets: Sequence[str]
+) -> tuple[dict[str, LinearReferences], dict[str, Normalizer]]:
+    """For records whose fields carry the target names (no key mapping): the fitted ``energy``
+    element reference, then each of ``targets`` normalized by its own mean and RMSD (``energy``
+    referenced), on ``train_src``."""
+    dataset = LmdbDataset({"src": str(train_src)})
+    common = {"dataset": dataset, "batch_size": FIT_BATCH_SIZE, "shuffle": False, "seed": seed}
+    element_references = fit_linear_references(targets=["energy"], **common)
+    normalizers = fit_normalizers(
+        targets=list(targets), element_references=element_references, override_values={}, **common
+    )
+    return element_references, normalizers
+
+
+def save_references(
+    root: Path, element_references: dict[str, LinearReferences], normalizers: dict[str, Normalizer]
 ) -> tuple[Path, Path]:
-    """Save ``element_references.pt`` and ``normalizers.pt`` for ``train_src`` in ``root``."""
-    element_references, normalizers = fit_references(train_src, seed, element_energies, stress)
+    """Save ``element_references.pt`` and ``normalizers.pt`` in ``root``; returns both paths."""
     references_path = root / ELEMENT_REFERENCES_FILE
     normalizers_path = root / NORMALIZERS_FILE
     torch.save(element_references, references_path)

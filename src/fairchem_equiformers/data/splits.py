@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from .errors import DataBuildError
@@ -39,11 +41,21 @@ def split_sizes(num_items: int, val_fraction: float, test_fraction: float) -> di
 
 
 def assign_splits(num_items: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """Split name for each item index 0..num_items-1, from a seeded permutation.
+    """Split name for each item index 0..num_items-1, from a seeded permutation (``assign_sizes``
+    with ``split_sizes``).
 
     The same (num_items, fractions, seed) always gives the same assignment.
     """
-    sizes = split_sizes(num_items, val_fraction, test_fraction)
+    return assign_sizes(split_sizes(num_items, val_fraction, test_fraction), seed)
+
+
+def assign_sizes(sizes: Mapping[str, int], seed: int) -> list[str]:
+    """Split name for each item index 0..N-1 (N the sum of ``sizes``): the first ``sizes["train"]``
+    items of a seeded permutation go to train, the next ``sizes["val"]`` to val, the rest to test.
+
+    The same (sizes, seed) always gives the same assignment.
+    """
+    num_items = sum(sizes[name] for name in SPLITS)
     order = np.random.default_rng([seed, 0x5EED]).permutation(num_items)
     names = np.repeat(np.array(SPLITS), [sizes[name] for name in SPLITS])
     assignment = np.empty(num_items, dtype=object)

@@ -9,7 +9,7 @@ submission file and a simulation, on a CPU in about ten minutes.
 4. predict the four test splits and merge them into an EvalAI S2EF submission file;
 5. relax a slab with fairchem's ``OCPCalculator`` and run 50 steps of NVE MD (energy drift).
 
-    python -m fairchem_equiformers.demo [--run-dir runs/demo] [--max-epochs N]
+    python -m fairchem_equiformers.tools.demo [--run-dir runs/demo] [--max-epochs N]
 """
 
 from __future__ import annotations

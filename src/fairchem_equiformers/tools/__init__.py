@@ -1,0 +1,1 @@
+"""Tools apart from the models: the SLURM launcher, EvalAI submission files and the demo."""
