@@ -32,7 +32,10 @@ class E2Former(E2FormerBackbone):
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
-        emb = super().forward(data)
+        return self.predict(data, super().forward(data))
+
+    def predict(self, data, emb: dict) -> dict[str, torch.Tensor]:
+        """The heads on the backbone's embeddings ``emb`` (``DEQ`` calls this on its fixed point)."""
         outputs = self.energy_head(data, emb)
         if self.conservative:
             outputs.update(energy_gradients(outputs["energy"], emb, data, create_graph=self.training))
