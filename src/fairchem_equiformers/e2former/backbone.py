@@ -244,8 +244,13 @@ class E2FormerBackbone(nn.Module, GraphModelMixin, BackboneInterface):
         return [module for pair in zip(self.blocks, self.clusters) for module in pair]
 
     def interaction_norm(self) -> nn.Module:
-        """A new norm for the state ``[N, K, C]`` of the blocks (the one a DEQ puts on it)."""
-        return equivariant_norm("layer_norm_sh", self.lmax, self.channels)
+        """A new norm for the state ``[N, K, C]`` of the blocks (the one a DEQ puts on it):
+        ``rms_norm_sh``, one scale for every degree. The injection (``embed``) has no ``l > 0``
+        part, so a norm that brought ``l > 0`` to unit scale on its own (``layer_norm_sh``) would
+        undo the blocks' contraction there: measured on the tiny test model, the plain iteration
+        then contracts by 0.98 per step and 100 Anderson steps stop at a relative residual of
+        2e-2, against 13-15 steps to 6e-11 with ``rms_norm_sh``."""
+        return equivariant_norm("rms_norm_sh", self.lmax, self.channels)
 
     def neighbourhood(self, data, pos: torch.Tensor, strain: torch.Tensor | None = None) -> Neighbourhood:
         """The geometry every block shares, from the graph of ``data`` with positions ``pos``
