@@ -589,3 +589,27 @@ def test_amp_training_on_gpu(emt_database, tmp_path):
         assert math.isfinite(amp[metric]["metric"])
         # not yet measured on a GPU; float16 autocast on the CPU: 2.1e-5 (energy), 1.3e-3 (forces)
         assert amp[metric]["metric"] == pytest.approx(float32[metric]["metric"], rel=1e-2)
+
+
+def test_trainer_adds_the_deq_auxiliary_loss_and_logs_the_solver_statistics(emt_database, tmp_path):
+    """Through the trainer's own loss: with a Jacobian penalty the loss is the task loss plus the
+    DEQ's declared ``deq_auxiliary_loss``, and its ``deq_stats`` reach the logger."""
+    from fairchem.core.trainers import OCPTrainer
+
+    from .test_deq import TINY_DEQ
+
+    model = {"name": "fairchem_equiformers.DEQEquiformerV2", **TINY_DEQ, "jacobian_weight": 0.5}
+    with make_trainer(tmp_path, trainer_config(emt_database) | {"model": model}, "deq") as trainer:
+        logged = []
+        trainer.logger.log = lambda values, step=None, split="": logged.append((split, dict(values)))
+        trainer.model.train()
+        batch = next(iter(trainer.train_loader))
+        out = trainer._forward(batch)
+        deq = trainer._unwrapped_model
+        auxiliary = deq.deq_auxiliary_loss
+        task = OCPTrainer._compute_loss(trainer, out, batch)
+        total = trainer._compute_loss(out, batch)
+    assert auxiliary is not None and float(auxiliary) > 0
+    torch.testing.assert_close(total, task + auxiliary)
+    stats = [values for split, values in logged if split == "train" and "deq_iterations" in values]
+    assert stats and stats[-1]["deq_iterations"] == deq.deq_stats["iterations"] > 0
