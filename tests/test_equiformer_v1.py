@@ -230,6 +230,115 @@ def test_bad_input_is_a_clear_error(mutate, message):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Backbone + heads: the stress, and fairchem's hydra composition
+
+
+def slabs(dtype=torch.float64):
+    return to_batch([slab_with_adsorbate("Cu", "111", "CO", seed=0)], dtype)
+
+
+TINY_V1_STRESS = {**TINY_V1, "max_num_elements": 90, "use_pbc": True, "regress_stress": True}
+
+
+def test_stress_is_the_strain_derivative_of_the_energy_float64():
+    model = model_for(TINY_V1_STRESS)
+    batch = slabs()
+    out = model(copy.deepcopy(batch))
+    stress = out["stress"].reshape(3, 3)
+    assert stress.abs().max() > 1e-5  # not trivially zero
+    torch.testing.assert_close(stress, stress.T, atol=1e-14, rtol=0)
+    volume = float(torch.linalg.det(batch.cell[0]).abs())
+    step = 1e-5
+    for a, b in [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]:
+        energies = []
+        for sign in (1, -1):
+            strain = torch.zeros(3, 3, dtype=torch.float64)
+            strain[a, b] += sign * step / 2
+            strain[b, a] += sign * step / 2
+            deformed = copy.deepcopy(batch)
+            deformed.pos = batch.pos @ (torch.eye(3, dtype=torch.float64) + strain)
+            deformed.cell = batch.cell @ (torch.eye(3, dtype=torch.float64) + strain)
+            energies.append(float(model(deformed)["energy"].sum()))
+        numeric = (energies[0] - energies[1]) / (2 * step) / volume
+        assert float(stress[a, b]) == pytest.approx(numeric, rel=1e-6, abs=1e-10)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"regress_stress": True, "use_pbc": False},
+        {"regress_stress": True, "use_pbc": True, "direct_forces": True},
+        {"regress_stress": True, "use_pbc": True, "regress_forces": False},
+    ],
+)
+def test_stress_needs_gradient_forces_and_a_cell(config):
+    with pytest.raises(ValueError, match=re.escape("regress_stress=True needs direct_forces=False")):
+        EquiformerV1(**{**TINY_V1, **config})
+
+
+def test_backbone_and_heads_compose_in_fairchem_hydra():
+    """fairchem's hydra model of the backbone, the shared gradient head and the displacement head
+    computes what the composite model does with the same parameters (renamed)."""
+    from fairchem.core.models.base import HydraModel
+
+    torch.manual_seed(0)
+    hydra = HydraModel(
+        backbone={"model": "fairchem_equiformers.EquiformerV1Backbone", **TINY_V1_STRESS},
+        heads={
+            "energy": {"module": "fairchem_equiformers.GradientHead"},
+            "displacement": {"module": "fairchem_equiformers.EquiformerV1DisplacementHead"},
+        },
+    ).double()
+    with torch.no_grad():
+        for p in hydra.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    renamed = {
+        "backbone.": "",
+        "output_heads.energy.energy.": "energy_head.",
+        "output_heads.displacement.": "displacement_head.",
+    }
+    state = {}
+    for key, value in hydra.state_dict().items():
+        prefix = next(p for p in renamed if key.startswith(p))
+        state[renamed[prefix] + key[len(prefix) :]] = value
+    composite = EquiformerV1(**TINY_V1_STRESS, regress_displacement=True).double()
+    composite.load_state_dict(state, strict=True)
+    hydra.eval(), composite.eval()
+    batch = slabs()
+    heads = hydra(copy.deepcopy(batch))
+    expected = {**heads["energy"], **heads["displacement"]}
+    got = composite(copy.deepcopy(batch))
+    assert sorted(got) == sorted(expected) == ["displacement", "energy", "forces", "stress"]
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-13, rtol=1e-13)
+
+
+def test_backbone_protocol_is_embed_interact_readout():
+    """``forward = readout(interact(*embed))``; ``interact`` runs ``interaction_blocks`` (all but
+    the last block, node irreps to node irreps); ``interaction_norm()`` is a new norm on them."""
+    from fairchem_equiformers.equiformer_v1 import EquiformerV1Backbone
+
+    model = model_for({**TINY_V1, "num_layers": 3})
+    assert isinstance(model, EquiformerV1Backbone)
+    assert EquiformerV1Backbone.DROPOUT_KEYS == ("alpha_drop", "drop_path_rate")
+    assert list(model.interaction_blocks) == list(model.blocks)[:2]
+    batch = molecules()
+    x, state = model.embed(batch)
+    dim = o3.Irreps(TINY_V1["irreps_node_embedding"]).dim
+    assert x.shape == (len(batch.pos), dim)
+    z = model.interact(x, state, batch)
+    assert z.shape == x.shape
+    assert model.interaction_norm()(z).shape == z.shape
+    assert model.interaction_norm() is not model.interaction_norm()
+    emb = model.readout(z, state, batch)
+    torch.testing.assert_close(
+        emb["node_embedding"], EquiformerV1Backbone.forward(model, batch)["node_embedding"]
+    )
+    assert model.energy_head_class.__name__ == "EquiformerV1EnergyHead"
+    assert model.force_head_class.__name__ == "EquiformerV1ForceHead"
+
+
+# ---------------------------------------------------------------------------------------------------
 # Learning on GFN2-xTB molecular dynamics (ethanol at 500 K)
 
 
