@@ -1,5 +1,6 @@
-"""Deep-equilibrium EquiformerV2: solvers, gradients through the fixed point, symmetry, fixed-point
-reuse in MD through fairchem's OCPCalculator, stabilisers, the stock CLI and learning."""
+"""Deep-equilibrium EquiformerV2: solvers, gradients through the fixed point, fixed-point reuse in MD
+through fairchem's OCPCalculator, stabilisers, the stock CLI and learning (symmetry, batching and
+the other generic checks: the shared battery in test_model_battery.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from ase.calculators.emt import EMT
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS
-from e3nn import o3
 
 from fairchem_equiformers import DEQEquiformerV2
 from fairchem_equiformers.deq import (
@@ -364,42 +364,6 @@ def test_inference_solve_precision_follows_the_dtype(slab_structures):
     model(copy.deepcopy(batch))
     assert model.deq_stats["max_iterations"] <= model.solver_train.max_iter
     assert model.deq_stats["rel_residual"] > 1e-6  # stopped at solver_train's 1e-3
-
-
-# --- symmetry -------------------------------------------------------------------------------------
-
-
-def rotated(batch, rotation):
-    out = copy.deepcopy(batch)
-    out.pos = batch.pos @ rotation.T
-    out.cell = batch.cell @ rotation.T
-    return out
-
-
-def rotation_errors(model, batch, rotations: int = 2) -> tuple[float, float]:
-    """Largest relative change of the energy, and of the forces against the rotated forces,
-    over seeded random rotations of ``batch`` (float64)."""
-    base = model(copy.deepcopy(batch))
-    torch.manual_seed(7)
-    worst_e = worst_f = 0.0
-    for _ in range(rotations):
-        rotation = o3.rand_matrix(dtype=torch.float64)
-        out = model(rotated(batch, rotation))
-        error_e = (out["energy"] - base["energy"]).abs().max() / base["energy"].abs().max()
-        error_f = (out["forces"] - base["forces"] @ rotation.T).abs().max() / base["forces"].abs().max()
-        worst_e, worst_f = max(worst_e, float(error_e)), max(worst_f, float(error_f))
-    return worst_e, worst_f
-
-
-@pytest.mark.parametrize("direct_forces", [True, False])
-def test_rotation_equivariance_float64(slab_structures, direct_forces):
-    batch = to_batch(slab_structures, torch.float64)
-    model = deq_model(
-        {**GATE, "direct_forces": direct_forces}, solver_eval={"rel_tol": 1e-13, "max_iter": 200}
-    )
-    worst_e, worst_f = rotation_errors(model, batch)
-    print(f"direct_forces={direct_forces}: rotation error energy {worst_e:.1e}, forces {worst_f:.1e}")
-    assert worst_e < 1e-10 and worst_f < 1e-9
 
 
 # --- fixed-point reuse ----------------------------------------------------------------------------

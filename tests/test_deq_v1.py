@@ -1,7 +1,8 @@
 """Deep-equilibrium Equiformer (V1): convergence of the fixed point per structure, implicit against
-unrolled gradients, -dE/dpos against finite differences, rotation symmetry, fixed-point reuse
-over MD-like frames and weight normalisation of the e3nn irreps linear layers (float64, tiny
-models; the V2 tests in test_deq.py cover the shared solvers and stabiliser functions)."""
+unrolled gradients, -dE/dpos against finite differences, fixed-point reuse over MD-like frames and
+weight normalisation of the e3nn irreps linear layers (float64, tiny models; the V2 tests in
+test_deq.py cover the shared solvers and stabiliser functions, the shared battery in
+test_model_battery.py symmetry, batching and the other generic checks)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from fairchem_equiformers import DEQEquiformerV1, EquiformerV1
 from fairchem_equiformers.deq import DEQConvergenceWarning, IrrepsWeightNorm, apply_weight_norm
 
 from .conftest import molecule_in_box, to_batch
-from .test_deq import energy_of, finite_difference_error, parameter_gradients, rotated, rotation_errors
+from .model_battery import rotated
+from .test_deq import energy_of, finite_difference_error, parameter_gradients
 from .test_equiformer_v1 import TINY_V1
 
 # the tiny Equiformer of test_equiformer_v1.py at lmax 1 (2.5x faster per map evaluation), one
@@ -84,9 +86,6 @@ def test_fixed_point_converges_per_structure():
     assert per_structure_norm(captured["z"], captured["batch"], 3).min() > 1.0  # not trivially zero
     assert 3 <= max(iterations) < 100
     assert torch.isfinite(out["energy"]).all() and out["forces"].abs().max() > 1e-4
-    # a batch equals its structures one by one (each structure is its own fixed-point problem)
-    alone = model(structures(count=1))
-    torch.testing.assert_close(alone["energy"], out["energy"][:1], rtol=1e-8, atol=1e-10)
 
 
 # --- gradients ------------------------------------------------------------------------------------
@@ -166,19 +165,6 @@ def test_default_inference_forces_are_the_gradient_of_the_returned_energy(system
     print(f"solver: {model.deq_stats}")
     assert model.deq_stats["rel_residual"] <= 1e-10
     assert worst < DEFAULT_FD_TOLERANCE[system]
-
-
-# --- symmetry -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("direct_forces", [False, True])
-def test_rotation_invariance_and_equivariance_float64(direct_forces):
-    batch = structures(count=2)
-    model = deq_model({**TINY_DEQ_V1, "direct_forces": direct_forces}, solver_eval=TIGHT)
-    assert model(copy.deepcopy(batch))["forces"].abs().max() > 1e-4
-    worst_e, worst_f = rotation_errors(model, batch)
-    print(f"direct_forces={direct_forces}: rotation error energy {worst_e:.1e}, forces {worst_f:.1e}")
-    assert worst_e < 1e-10 and worst_f < 1e-9
 
 
 # --- fixed-point reuse ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""E2Former: the Wigner-6j identity behind its node-level tensor products, symmetry, forces,
-input checks, learning on EMT slabs (against the mean predictor and the plugin's EquiformerV2)
-and on GFN2-xTB ethanol, stable MD with a trained model, its optional parts, and the stock CLI."""
+"""E2Former: the Wigner-6j identity behind its node-level tensor products, symmetry of its variants
+(the default model's generic checks: the shared battery in test_model_battery.py), input checks,
+learning on EMT slabs (against the mean predictor and the plugin's EquiformerV2) and on GFN2-xTB
+ethanol, stable MD with a trained model, its optional parts, and the stock CLI."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from fairchem_equiformers.primitives import (
 from fairchem_equiformers.primitives.recoupling import coupling
 
 from .conftest import TINY_V2, cli_config, molecule_in_box, slab_with_adsorbate, to_batch
+from .model_battery import rotated
 from .test_registry_and_cli import run_fairchem
 
 TINY = dict(
@@ -159,19 +161,12 @@ def test_recoupling_coefficients_are_6j_symbols():
 # --- symmetry ------------------------------------------------------------------------------------
 
 
-def rotated(batch, rotation):
-    out = copy.deepcopy(batch)
-    out.pos = batch.pos @ rotation.T
-    out.cell = batch.cell @ rotation.T
-    return out
-
-
+# the default model ("all-QK", gradient forces) and direct forces: the shared battery
+# (test_model_battery.py: symmetry, batching, finite differences, gradients); here the other variants
 VARIANTS = {
-    "all-QK": {},
     "first-dot": {"attn_type": "first-order", "alpha_type": "dot"},
     "second-dot_small": {"attn_type": "second-order", "alpha_type": "dot_small"},
     "zero-QK": {"attn_type": "zero-order"},
-    "direct": {"direct_forces": True},
     "encoder-moe-clusters": {"encoder": "transformer", "num_experts": 3, "moe_top_k": 2, "num_clusters": 3},
 }
 
@@ -220,20 +215,6 @@ def test_far_from_origin_float32_keeps_precision(slab_structures):
     assert (far_forces - near_forces).abs().max() < 0.02 * scale
 
 
-def test_finite_difference_forces_float64(molecule_batch):
-    model = model_for({**TINY, "use_pbc": False})
-    batch = copy.deepcopy(molecule_batch)
-    batch.pos, batch.cell = batch.pos.double(), batch.cell.double()
-    forces = model(copy.deepcopy(batch))["forces"]
-    step = 1e-5
-    for atom, axis in [(0, 0), (2, 1), (5, 2), (9, 0)]:
-        plus, minus = copy.deepcopy(batch), copy.deepcopy(batch)
-        plus.pos[atom, axis] += step
-        minus.pos[atom, axis] -= step
-        numeric = -(model(plus)["energy"].sum() - model(minus)["energy"].sum()) / (2 * step)
-        assert float(forces[atom, axis]) == pytest.approx(float(numeric), rel=1e-6, abs=1e-8)
-
-
 def test_energy_is_continuous_as_an_atom_crosses_the_cutoff():
     """The attention's cutoff envelope (and its zero sink) make the energy continuous when a
     neighbour leaves the cutoff, even the last neighbour of an atom."""
@@ -243,23 +224,6 @@ def test_energy_is_continuous_as_an_atom_crosses_the_cutoff():
         atoms = Atoms("OH", positions=[[0, 0, 0], [distance, 0, 0]], cell=np.eye(3) * 20, pbc=True)
         energies.append(float(model(to_batch([atoms], torch.float64))["energy"]))
     assert abs(energies[0] - energies[1]) < 1e-8
-
-
-def test_batch_equals_structures_one_by_one_including_isolated_atom(slab_structures):
-    lone = Atoms("O", positions=[[10.0, 10.0, 10.0]], cell=np.eye(3) * 20.0, pbc=True)
-    structures = [*slab_structures, lone, molecule_in_box("H2O")]
-    model = model_for(TINY)
-    together = model(to_batch(structures, torch.float64))
-    start = 0
-    for i, atoms in enumerate(structures):
-        alone = model(to_batch([atoms], torch.float64))
-        torch.testing.assert_close(together["energy"][i : i + 1], alone["energy"], atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(
-            together["forces"][start : start + len(atoms)], alone["forces"], atol=1e-12, rtol=1e-12
-        )
-        start += len(atoms)
-    lone_start = sum(len(s) for s in slab_structures)
-    assert torch.equal(together["forces"][lone_start], torch.zeros(3, dtype=torch.float64))
 
 
 def test_molecule_without_periodicity_matches_the_boxed_molecule():

@@ -1,19 +1,20 @@
-"""Symmetry, determinism, batching and input checking of the plugin's EquiformerV2."""
+"""EquiformerV2: determinism, the direct-force head, S2-grid equivariance against the grid
+resolution and input checking (the symmetries, batching, gradients and the rest of the generic
+checks: the shared battery in test_model_battery.py)."""
 
 from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from ase import Atoms
 from e3nn import o3
 
 from fairchem_equiformers import EquiformerV2
 from fairchem_equiformers.equiformer_v2.attention import SO2GraphAttention
 
-from .conftest import TINY_V2, molecule_in_box, slab_with_adsorbate, to_batch
+from .conftest import TINY_V2, molecule_in_box, to_batch
+from .model_battery import rotated
 
 GATE = {**TINY_V2, "use_grid_mlp": False, "use_gate_act": True, "lmax_list": [3], "mmax_list": [2]}
 RELEASED_STYLE = {**TINY_V2, "lmax_list": [4], "mmax_list": [2], "grid_resolution": 14}
@@ -26,13 +27,6 @@ def model_for(config, dtype=torch.float64, seed=0):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
-
-
-def rotated(batch, rotation):
-    out = copy.deepcopy(batch)
-    out.pos = batch.pos @ rotation.T
-    out.cell = batch.cell @ rotation.T
-    return out
 
 
 def test_two_calls_are_identical(slab_batch):
@@ -70,16 +64,6 @@ def test_force_head_computes_exactly_the_degree_one_rows_of_the_whole_attention(
     torch.testing.assert_close(forces, whole[:, 1:4, 0], atol=1e-12, rtol=0)
 
 
-def test_exactly_equivariant_without_s2_grids_float64(slab_structures):
-    """With gate activations (no S2 grid anywhere) every operation is exactly equivariant."""
-    batch = to_batch(slab_structures, torch.float64)
-    torch.manual_seed(7)
-    rotations = [o3.rand_matrix(dtype=torch.float64) for _ in range(3)]
-    energy_error, force_error = rotation_errors(model_for(GATE), batch, rotations)
-    print(f"gate activations: rotation error energy {energy_error:.1e}, forces {force_error:.1e}")
-    assert energy_error < 1e-12 and force_error < 1e-11
-
-
 def test_s2_grid_equivariance_error_converges_with_resolution_float64(slab_structures):
     """S2 activations sample the sphere on a grid that does not rotate with the input (in the
     released model too): equivariance is approximate, and the error must fall steadily as the
@@ -95,56 +79,6 @@ def test_s2_grid_equivariance_error_converges_with_resolution_float64(slab_struc
     for coarse, fine in zip(errors, errors[1:]):
         assert fine[0] < coarse[0] / 3 and fine[1] < coarse[1] / 3
     assert errors[-1][0] < 1e-5 and errors[-1][1] < 1e-3
-
-
-def test_translation_and_permutation_invariance_float64(slab_structures):
-    batch = to_batch(slab_structures, torch.float64)
-    model = model_for(RELEASED_STYLE)
-    base = model(copy.deepcopy(batch))
-    shifted = copy.deepcopy(batch)
-    shifted.pos = shifted.pos + torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
-    out = model(shifted)
-    torch.testing.assert_close(out["energy"], base["energy"], atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(out["forces"], base["forces"], atol=1e-10, rtol=1e-10)
-
-    structures = [s.copy() for s in slab_structures]
-    perm = np.random.default_rng(0).permutation(len(structures[1]))
-    structures[1] = structures[1][perm]
-    out = model(to_batch(structures, torch.float64))
-    torch.testing.assert_close(out["energy"], base["energy"], atol=1e-10, rtol=1e-10)
-    start = len(structures[0])
-    expected = base["forces"].clone()
-    expected[start : start + len(perm)] = base["forces"][start : start + len(perm)][torch.as_tensor(perm)]
-    torch.testing.assert_close(out["forces"], expected, atol=1e-10, rtol=1e-10)
-
-
-def test_batch_equals_structures_one_by_one_including_isolated_atom(slab_structures):
-    lone = Atoms("O", positions=[[10.0, 10.0, 10.0]], cell=np.eye(3) * 20.0, pbc=True)
-    far = slab_with_adsorbate("Cu", "111", "O", seed=3)
-    far.positions[-1, 2] += 8.0  # adsorbate far beyond the 5 A cutoff: a gas-phase atom
-    structures = [*slab_structures, lone, far]
-    model = model_for(TINY_V2)
-    together = model(to_batch(structures, torch.float64))
-    assert torch.isfinite(together["energy"]).all() and torch.isfinite(together["forces"]).all()
-    start = 0
-    for i, atoms in enumerate(structures):
-        alone = model(to_batch([atoms], torch.float64))
-        torch.testing.assert_close(together["energy"][i : i + 1], alone["energy"], atol=1e-12, rtol=1e-12)
-        torch.testing.assert_close(
-            together["forces"][start : start + len(atoms)], alone["forces"], atol=1e-12, rtol=1e-12
-        )
-        start += len(atoms)
-    lone_start = sum(len(s) for s in slab_structures)
-    assert torch.equal(together["forces"][lone_start], torch.zeros(3, dtype=torch.float64))
-
-
-def test_gradients_are_finite(slab_batch):
-    model = model_for(TINY_V2, torch.float32).train()
-    out = model(copy.deepcopy(slab_batch))
-    loss = out["energy"].abs().mean() + out["forces"].pow(2).mean()
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize(
