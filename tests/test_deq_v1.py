@@ -56,6 +56,11 @@ def per_structure_norm(x: torch.Tensor, batch: torch.Tensor, num_graphs: int) ->
     return x.new_zeros(num_graphs).index_add(0, batch, per_node).sqrt()
 
 
+def map_blocks(model) -> torch.nn.ModuleList:
+    """The blocks inside the fixed-point map (the wrapped EquiformerV1's all but the last)."""
+    return torch.nn.ModuleList(model.interaction_blocks)
+
+
 # --- the fixed point ------------------------------------------------------------------------------
 
 
@@ -219,22 +224,24 @@ def test_weight_norm_covers_the_irreps_linear_layers_and_keeps_the_function():
     batch = structures(count=2)
     plain = deq_model()
     normalised = copy.deepcopy(plain)
-    names = apply_weight_norm(normalised.blocks)
+    names = apply_weight_norm(map_blocks(normalised))
     for expected in ["0.attention.merge_source", "0.attention.merge_target", "0.attention.alpha_linear",
                      "0.attention.value_linear", "0.attention.value_projection", "0.attention.projection",
                      "0.ffn.linear_in", "0.ffn.linear_out"]:  # fmt: skip
         assert expected in names
-        layer = normalised.blocks.get_submodule(expected)
+        layer = map_blocks(normalised).get_submodule(expected)
         assert isinstance(layer, o3.Linear)
         parameters = dict(layer.named_parameters())
         assert "parametrizations.weight.original" in parameters
         assert parameters["parametrizations.weight.0.scale"].numel() == layer.irreps_out.num_irreps
-    every_linear = [n for n, m in plain.blocks.named_modules() if isinstance(m, (o3.Linear, torch.nn.Linear))]
+    every_linear = [
+        n for n, m in map_blocks(plain).named_modules() if isinstance(m, (o3.Linear, torch.nn.Linear))
+    ]
     assert sorted(names) == sorted(every_linear)  # radial MLPs' nn.Linear too
     print(f"{len(names)} weight-normalised layers in the map")
 
     # one norm per output channel of each output irrep block, over every path into it
-    layer = normalised.blocks[0].ffn.linear_in
+    layer = map_blocks(normalised)[0].ffn.linear_in
     norm = layer.parametrizations.weight[0]
     assert isinstance(norm, IrrepsWeightNorm)
     with torch.no_grad():
@@ -252,7 +259,7 @@ def test_weight_norm_covers_the_irreps_linear_layers_and_keeps_the_function():
     torch.testing.assert_close(squares, torch.ones_like(squares), rtol=1e-12, atol=0)
 
     normalised = copy.deepcopy(plain)
-    apply_weight_norm(normalised.blocks)
+    apply_weight_norm(map_blocks(normalised))
     base = plain(copy.deepcopy(batch))
     same = normalised(copy.deepcopy(batch))
     energy_error = float((same["energy"] - base["energy"]).abs().max() / base["energy"].abs().max())
@@ -262,7 +269,7 @@ def test_weight_norm_covers_the_irreps_linear_layers_and_keeps_the_function():
         for name, p in normalised.named_parameters():
             if name.endswith("weight.original"):
                 p.mul_(3.0)
-        for module in plain.blocks.modules():
+        for module in map_blocks(plain).modules():
             if isinstance(module, (o3.Linear, torch.nn.Linear)):
                 module.weight.mul_(3.0)
     scaled_error = float(
@@ -317,8 +324,8 @@ def test_structure_and_defaults():
     explicit = EquiformerV1(**{**TINY_DEQ_V1, "num_layers": 3})
     norms = sum(p.numel() for m in (model.injection_norm, model.fixed_point_norm) for p in m.parameters())
     assert model.num_params == explicit.num_params + norms
-    assert len(model.blocks) == 2 and model.blocks[1].shortcut is None
-    assert model.output_block.shortcut is not None  # node irreps -> irreps_feature
+    assert len(model.interaction_blocks) == 2 and model.interaction_blocks[1].shortcut is None
+    assert model.blocks[-1].shortcut is not None  # the output block: node irreps -> irreps_feature
     assert "solver=anderson, gradient=phantom" in repr(model)
 
     model = DEQEquiformerV1().double().eval()  # every argument has a default

@@ -153,7 +153,8 @@ class DEQBackbone(nn.Module, BackboneInterface):
         for dropout in backbone_class.DROPOUT_KEYS:
             if config.pop(dropout, 0.0):
                 raise ValueError(
-                    f"{dropout} must be 0 in a DEQ: dropout would change the map between iterations"
+                    f"{dropout} must be 0 in {type(self).__name__}: dropout would change the map "
+                    "between iterations"
                 )
         if solver not in SOLVERS:
             raise ValueError(f"solver={solver!r}; choose from {sorted(SOLVERS)}")
@@ -206,9 +207,17 @@ class DEQBackbone(nn.Module, BackboneInterface):
     def regress_forces(self) -> bool:
         return self.backbone.regress_forces
 
+    @regress_forces.setter
+    def regress_forces(self, value: bool) -> None:
+        self.backbone.regress_forces = value
+
     @property
     def direct_forces(self) -> bool:
         return self.backbone.direct_forces
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data, solver: SolverSettings | None = None) -> dict[str, torch.Tensor]:
