@@ -196,7 +196,9 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
     print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); "
           f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 float32 GEMM, same threads)")  # fmt: skip
-    print(f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}")
+    print(
+        f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}"
+    )
     for mode in ("inference", "train"):
         useful = results[(candidate, mode)]["flops"]
         for impl in (baseline, candidate):
@@ -210,7 +212,9 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
         print(f"{mode:<10} {'ratio':<13} {candidate} takes x{cand['seconds'] / base['seconds']:.2f} the time "
               f"of {baseline}, memory x{cand['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}")  # fmt: skip
         if args.rounds > 1:
-            speedups = [b["seconds"] / c["seconds"] for b, c in zip(runs[(baseline, mode)], runs[(candidate, mode)])]
+            speedups = [
+                b["seconds"] / c["seconds"] for b, c in zip(runs[(baseline, mode)], runs[(candidate, mode)])
+            ]
             print(f"{mode:<10} {'per round':<13} speed-up " + ", ".join(f"x{v:.2f}" for v in speedups))
 
 

@@ -103,11 +103,15 @@ def table(args, title: str, points: list[tuple[tuple[int, int, int], int]]) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PRESETS), default="31M")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-max-atoms", type=int, default=400, help="largest structure trained on")
-    parser.add_argument("--reference-max-atoms", type=int, default=100, help="largest structure for the reference")
+    parser.add_argument(
+        "--reference-max-atoms", type=int, default=100, help="largest structure for the reference"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed steps per point (the fastest counts)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()

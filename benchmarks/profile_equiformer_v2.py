@@ -13,7 +13,9 @@ from bench_equiformer_v2 import PRESETS, RELEASED, run_step, slabs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PRESETS), default="31M")
     parser.add_argument("--structures", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)

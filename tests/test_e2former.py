@@ -27,12 +27,14 @@ from fairchem_equiformers import E2Former, EquiformerV2
 from fairchem_equiformers.data.molecules import md_frames
 from fairchem_equiformers.primitives import (
     SolidHarmonicTensorProduct,
-    addition_coefficients,
-    recoupling_coefficients,
     solid_harmonics,
     wigner_6j,
 )
-from fairchem_equiformers.primitives.recoupling import coupling
+from fairchem_equiformers.primitives._recoupling import (
+    addition_coefficients,
+    coupling,
+    recoupling_coefficients,
+)
 
 from .conftest import TINY_V2, cli_config, molecule_in_box, slab_with_adsorbate, to_batch
 from .model_battery import rotated

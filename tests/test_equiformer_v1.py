@@ -14,8 +14,7 @@ from e3nn import o3
 from fairchem.core.common.registry import registry
 
 from fairchem_equiformers import EquiformerV1
-from fairchem_equiformers.primitives import BesselBasis, ExpNormalBasis
-from fairchem_equiformers.primitives.irreps import DepthwiseTensorProduct
+from fairchem_equiformers.primitives import BesselBasis, DepthwiseTensorProduct, ExpNormalBasis
 
 from .conftest import cli_config, molecule_in_box, slab_with_adsorbate, to_batch
 from .model_battery import rotated

@@ -21,8 +21,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.neighborlist import neighbor_list
 
 from fairchem_equiformers import EquiformerV2
+from fairchem_equiformers.primitives import _rotation as rotation_module
 from fairchem_equiformers.primitives import build_graph
-from fairchem_equiformers.primitives import rotation as rotation_module
 
 from .conftest import TINY_V2, to_batch
 from .test_equiformer_v2_parity import BASE, CONFIGS, build_pair

@@ -16,12 +16,10 @@ from fairchem_equiformers.primitives import (
     S2Grid,
     SO2Convolution,
     SphericalLayout,
-    edge_frame_angles,
     graph_softmax,
     radius_graph_nonperiodic,
-    swap_matrix,
-    wigner_d_columns,
 )
+from fairchem_equiformers.primitives._wigner import edge_frame_angles, swap_matrix, wigner_d_columns
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +131,7 @@ def test_so2_message_is_equivariant(lmax, mmax):
 def test_so2_order_map_equals_the_complex_product_with_first_and_second_derivatives():
     """Three real matmuls (Gauss) give (W_r + i W_i)(x_+m + i x_-m), the map the released
     checkpoints were trained with, and so do their gradients to second order."""
-    from fairchem_equiformers.primitives.so2 import SO2OrderLinear
+    from fairchem_equiformers.primitives._so2 import SO2OrderLinear
 
     torch.manual_seed(4)
     linear = SO2OrderLinear(num_degrees=3, in_channels=4, out_channels=2)
@@ -274,7 +272,7 @@ def test_chunked_grid_silu_equals_the_plain_expression_with_first_and_second_der
     """The S2 activation runs a few rows at a time and recomputes grid values in the backward;
     values are bit-identical to from_grid(silu(to_grid(x))), and gradients (also second order,
     used by conservative-force training) are exact."""
-    from fairchem_equiformers.primitives import activation
+    from fairchem_equiformers.primitives import _activation as activation
 
     grid = S2Grid(SphericalLayout(3, 2), 8, edge_layout=True)
     x = torch.randn(7, grid.to_grid_matrix.shape[1], 3, dtype=torch.float64, requires_grad=True)
@@ -292,7 +290,7 @@ def test_chunked_grid_mlp_equals_the_plain_expression_with_first_and_second_deri
     second order)."""
     from torch import nn
 
-    from fairchem_equiformers.primitives import activation
+    from fairchem_equiformers.primitives import _activation as activation
 
     torch.manual_seed(0)
     grid = S2Grid(SphericalLayout(2, 2), 6, edge_layout=False)
@@ -323,7 +321,8 @@ def test_gather_to_edge_equals_rotating_the_concatenation_with_first_and_second_
     the fused gather and rotation (blocks of edges, custom backward) gives the plain
     expression's values and its exact first and second derivatives with respect to the
     features and the matrices."""
-    from fairchem_equiformers.primitives import EdgeRotation, SphericalLayout, rotation
+    from fairchem_equiformers.primitives import EdgeRotation, SphericalLayout
+    from fairchem_equiformers.primitives import _rotation as rotation
 
     monkeypatch.setattr(rotation, "GATHER_BLOCK_ELEMENTS", 60)  # blocks of 2 edges
     torch.manual_seed(0)

@@ -48,7 +48,7 @@ def test_full_class_path_resolves_without_importing_the_plugin():
     )
     assert out.split() == [
         "fairchem_equiformers.equiformer_v2.model", "EquiformerV2",
-        "fairchem_equiformers.deq.model_v1", "DEQEquiformerV1",
+        "fairchem_equiformers.deq.model", "DEQEquiformerV1",
     ]  # fmt: skip
 
 

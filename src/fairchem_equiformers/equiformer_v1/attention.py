@@ -24,10 +24,12 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from fairchem_equiformers.primitives import RadialMLP, SmoothLeakyReLU, graph_softmax
-from fairchem_equiformers.primitives.irreps import (
+from fairchem_equiformers.primitives import (
     DepthwiseTensorProduct,
+    RadialMLP,
+    SmoothLeakyReLU,
     gate_activation,
+    graph_softmax,
     head_index,
     repeat_heads,
 )

@@ -37,12 +37,10 @@ from fairchem_equiformers.primitives import (
     BesselBasis,
     ExpNormalBasis,
     GaussianBasis,
+    IrrepsLayerNorm,
     build_graph,
     check_common_model_keys,
     check_structures,
-)
-from fairchem_equiformers.primitives.irreps import (
-    IrrepsLayerNorm,
     e3nn_eager,
     is_even_scalar,
     restore_exact_wigner_3j,

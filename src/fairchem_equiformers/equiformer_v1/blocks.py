@@ -11,8 +11,13 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from fairchem_equiformers.primitives import GraphDropPath, RadialMLP
-from fairchem_equiformers.primitives.irreps import DepthwiseTensorProduct, IrrepsLayerNorm, gate_activation
+from fairchem_equiformers.primitives import (
+    DepthwiseTensorProduct,
+    GraphDropPath,
+    IrrepsLayerNorm,
+    RadialMLP,
+    gate_activation,
+)
 
 from .attention import EdgeFeatures, EquivariantGraphAttention
 

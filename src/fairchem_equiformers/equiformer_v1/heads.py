@@ -29,7 +29,7 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from torch import nn
 
-from fairchem_equiformers.primitives.irreps import e3nn_eager, gate_activation, restore_exact_wigner_3j
+from fairchem_equiformers.primitives import e3nn_eager, gate_activation, restore_exact_wigner_3j
 
 from .attention import EdgeFeatures, EquivariantGraphAttention
 

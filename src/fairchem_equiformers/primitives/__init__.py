@@ -1,73 +1,77 @@
 """Shared equivariant building blocks used by every model family of the package.
 
-Shape symbols: N nodes, E edges, B graphs, K = (lmax+1)**2 node-layout coefficients,
-K_e edge-layout coefficients (truncated at mmax), G grid points, C channels, H heads.
+The implementation modules are private (``_wigner.py``, ``_so2.py``, ...); this is the public
+face: what the families build on. Shape symbols: N nodes, E edges, B graphs, K = (lmax+1)**2
+node-layout coefficients, K_e edge-layout coefficients (truncated at mmax), G grid points,
+C channels, H heads.
 """
 
-from .activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
-from .blocks import row_blocks
-from .dropout import EquivariantDropout, GraphDropPath
-from .graph import Graph, build_graph, check_common_model_keys, check_structures, radius_graph_nonperiodic
-from .grid import S2Grid
-from .layout import SphericalLayout
-from .linear import SO3Linear
-from .norm import NORMS, equivariant_norm
-from .radial import BesselBasis, ExpNormalBasis, GaussianBasis, PolynomialEnvelope, RadialMLP
-from .recoupling import (
-    SolidHarmonicTensorProduct,
-    addition_coefficients,
-    recoupling_coefficients,
-    solid_harmonics,
-    wigner_6j,
+from ._activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
+from ._blocks import row_blocks
+from ._dropout import EquivariantDropout, GraphDropPath
+from ._graph import Graph, build_graph, check_common_model_keys, check_structures, radius_graph_nonperiodic
+from ._grid import S2Grid
+from ._irreps import (
+    DepthwiseTensorProduct,
+    IrrepsLayerNorm,
+    e3nn_eager,
+    gate_activation,
+    head_index,
+    is_even_scalar,
+    repeat_heads,
+    restore_exact_wigner_3j,
 )
-from .rotation import EdgeRotation
-from .so2 import SO2Convolution
-from .softmax import graph_softmax
-from .wigner import (
-    edge_frame_angles,
-    frame_angles_from_matrices,
-    rotation_generators,
-    swap_matrix,
-    wigner_d_columns,
-    with_pole_gradients,
-)
+from ._layout import SphericalLayout
+from ._linear import SO3Linear
+from ._norm import NORMS, equivariant_norm
+from ._radial import BesselBasis, ExpNormalBasis, GaussianBasis, PolynomialEnvelope, RadialMLP
+from ._recoupling import SolidHarmonicTensorProduct, solid_harmonics, wigner_6j
+from ._rotation import EdgeRotation
+from ._so2 import SO2Convolution
+from ._softmax import graph_softmax
 
 __all__ = [
-    "PolynomialEnvelope",
-    "ExpNormalBasis",
-    "BesselBasis",
-    "NORMS",
+    # spherical layouts, rotations, grids
+    "SphericalLayout",
     "EdgeRotation",
-    "Graph",
-    "EquivariantDropout",
-    "GateActivation",
-    "GaussianBasis",
-    "GraphDropPath",
-    "RadialMLP",
-    "S2Activation",
     "S2Grid",
-    "SO2Convolution",
+    # layers on spherical-harmonic features [N, K, C]
     "SO3Linear",
-    "SolidHarmonicTensorProduct",
-    "addition_coefficients",
-    "recoupling_coefficients",
-    "solid_harmonics",
-    "wigner_6j",
+    "SO2Convolution",
+    "NORMS",
+    "equivariant_norm",
+    "GateActivation",
+    "S2Activation",
     "SeparableS2Activation",
     "SmoothLeakyReLU",
-    "SphericalLayout",
+    "grid_mlp",
+    "EquivariantDropout",
+    "GraphDropPath",
+    # e3nn irreps features (Equiformer V1)
+    "IrrepsLayerNorm",
+    "DepthwiseTensorProduct",
+    "gate_activation",
+    "head_index",
+    "repeat_heads",
+    "is_even_scalar",
+    "e3nn_eager",
+    "restore_exact_wigner_3j",
+    # Wigner-6j recoupling (E2Former)
+    "SolidHarmonicTensorProduct",
+    "solid_harmonics",
+    "wigner_6j",
+    # radial bases and envelopes
+    "BesselBasis",
+    "ExpNormalBasis",
+    "GaussianBasis",
+    "PolynomialEnvelope",
+    "RadialMLP",
+    # graphs, attention over edges, input checks
+    "Graph",
     "build_graph",
+    "radius_graph_nonperiodic",
+    "graph_softmax",
+    "row_blocks",
     "check_common_model_keys",
     "check_structures",
-    "edge_frame_angles",
-    "frame_angles_from_matrices",
-    "equivariant_norm",
-    "graph_softmax",
-    "grid_mlp",
-    "radius_graph_nonperiodic",
-    "row_blocks",
-    "rotation_generators",
-    "swap_matrix",
-    "wigner_d_columns",
-    "with_pole_gradients",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from e3nn import o3
 
-from .layout import SphericalLayout
+from ._layout import SphericalLayout
 
 
 def default_grid_resolution(lmax: int, mmax: int) -> tuple[int, int]:

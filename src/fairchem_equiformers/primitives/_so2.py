@@ -13,9 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .autocast import float32_under_autocast
-from .layout import SphericalLayout
-from .radial import RadialMLP
+from ._autocast import float32_under_autocast
+from ._layout import SphericalLayout
+from ._radial import RadialMLP
 
 
 class _ComplexLinear(torch.autograd.Function):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autocast import float32_under_autocast
-from .blocks import row_blocks
-from .grid import S2Grid
+from ._autocast import float32_under_autocast
+from ._blocks import row_blocks
+from ._grid import S2Grid
 
 
 class SmoothLeakyReLU(nn.Module):

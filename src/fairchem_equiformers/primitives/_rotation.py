@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .autocast import float32_under_autocast
-from .blocks import row_blocks
-from .layout import SphericalLayout
-from .wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
+from ._autocast import float32_under_autocast
+from ._blocks import row_blocks
+from ._layout import SphericalLayout
+from ._wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
 
 # Features gathered per step of the fused gather and rotation (floats): a cache-sized block.
 GATHER_BLOCK_ELEMENTS = 1 << 20
