@@ -14,7 +14,8 @@ The checks (``{kind}`` is ``molecule`` -- built with ``molecule_kwargs``, by def
 * ``rotation_{kind}``: energy invariant, forces (and stress) equivariant under random rotations
   of the positions and the cell; ``translation_{kind}``, ``permutation_{kind}``;
 * ``batch``: a batch of several structures (slabs, a lone atom, a gas-phase adsorbate far above
-  a slab, a molecule) equals each structure run alone;
+  a slab, a molecule) equals each structure run alone, and an atom without neighbours gets exactly
+  zero force; ``isolated_atom_alone``: a batch of that one atom (no edge at all) runs;
 * ``fd_forces_{kind}``: gradient forces equal central differences of the returned energy; direct
   forces must differ from them (they are not a gradient);
 * ``second_order``: in training mode the gradient of a force loss equals a central difference of
