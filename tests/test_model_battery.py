@@ -131,10 +131,6 @@ class TestEquiformerV2Gradient(ModelBattery):
             V2_GRID_LAST_BLOCK,
         ),  # fmt: skip
         edge_chunks=RECORDS_A_GRADIENT,
-        known_defects={
-            "isolated_atom_alone": "DEFECT: with S2-grid activations, -dE/dpos of a batch without any "
-            "edge fails in the grid SiLU's backward (torch.cat of no chunks, primitives/activation.py)"
-        },
     )
 
 
