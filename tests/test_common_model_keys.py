@@ -47,9 +47,10 @@ MODELS = sorted(
 )
 # float64 energies [eV] and forces [eV/A] of the graph built on the fly and the stored one agree to
 # round-off: the same edges in another order (largest differences measured over the models and
-# both kinds of structure: 3.9e-15 eV, DEQEquiformerV1 molecules; 6.4e-16 eV/A, and 6.9e-15 eV/A for
-# DEQEquiformerV1 molecules, whose inference forces go through an adjoint fixed-point solve)
-ENERGY_ATOL, FORCE_ATOL = 2e-14, 2e-14
+# both kinds of structure: 3.9e-15 eV, DEQEquiformerV1 molecules; 6.4e-16 eV/A, and 2.2e-14 eV/A
+# for DEQEquiformerV1 molecules with two threads, whose inference forces go through an adjoint
+# fixed-point solve)
+ENERGY_ATOL, FORCE_ATOL = 2e-14, 5e-14
 
 
 def model_for(name: str, **keys) -> torch.nn.Module:
