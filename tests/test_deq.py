@@ -34,6 +34,7 @@ from .test_registry_and_cli import run_fairchem
 
 # the tiny EquiformerV2 of the other tests, one block inside the fixed-point map
 TINY_DEQ = {k: v for k, v in TINY_V2.items() if k not in ("alpha_drop", "drop_path_rate", "proj_drop")}
+TINY_DEQ["use_gate_act"] = False  # the S2-grid map (DEQEquiformerV2 defaults to gate activations)
 TINY_DEQ["num_layers"] = 1
 # 32 broad Gaussians instead of 600 narrow ones: a smooth map of the positions, as a trained one is
 TINY_DEQ["num_distance_basis"] = 32

@@ -417,11 +417,21 @@ def _flat_layout(model: nn.Module, rename: Callable[[str], str]) -> None:
 @registry.register_model("fairchem_equiformers.DEQEquiformerV2")
 class DEQEquiformerV2(DEQ):
     """``DEQ`` over EquiformerV2 with flat keys: every EquiformerV2 key (``num_layers`` counts the
-    blocks inside the map, default 2) except its dropouts, and every DEQ key."""
+    blocks inside the map, default 2) except its dropouts, and every DEQ key.
 
-    def __init__(self, num_layers: int = 2, **keys) -> None:
+    ``use_gate_act`` is ``True`` by default (EquiformerV2's is ``False``): the fixed point
+    amplifies the S2 grid's equivariance error (defaults, float64, rattled Cu(111)+O: rotation
+    error 3.4e-3 energy and 1.2e-1 forces with the grid, against 1.6e-5 and 7.6e-3 for
+    ``EquiformerV2(num_layers=2)``; a 24-point grid still 7.7e-5 / 2.4e-3) while gate
+    activations make every operation exactly equivariant (9e-15 / 8e-14) at the same cost
+    (``python benchmarks/bench_symmetry.py``)."""
+
+    def __init__(self, num_layers: int = 2, use_gate_act: bool = True, **keys) -> None:
         deq_keys, model_keys = _split_keys(keys)
-        model_keys = {"model": "fairchem_equiformers.EquiformerV2", "num_layers": num_layers, **model_keys}
+        model_keys = {
+            "model": "fairchem_equiformers.EquiformerV2", "num_layers": num_layers,
+            "use_gate_act": use_gate_act, **model_keys,
+        }  # fmt: skip
         super().__init__(model_keys, **deq_keys)
         _flat_layout(self, lambda key: "backbone." + key)
 
