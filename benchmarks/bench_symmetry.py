@@ -4,7 +4,8 @@ Each model is built as configured (random weights, seed 0, then nudged by 0.02 N
 the symmetric initial norms), in float64 and eval mode, and run on a rattled Cu(111) slab with
 an O adsorbate (periodic models) or an ethanol molecule (molecular models) and on three random
 rotations of it. Reported: the largest relative energy error ``|E(Rx) - E(x)| / |E(x)|`` and
-force error ``max |F(Rx) - R F(x)| / max |F(x)|``. The EquiformerV2 family's S2 grids make its
+force error ``max |F(Rx) - R F(x)| / max |F(x)|`` (QM9 models: their target and, for a dipole
+head, the dipole vector). The EquiformerV2 family's S2 grids make its
 error finite; gate activations (V1 and the DEQ over it, E2Former) are exact to round-off.
 
     python benchmarks/bench_symmetry.py [--only NAME ...] [--results benchmarks/results/symmetry.md]
@@ -73,15 +74,19 @@ def rotation_errors(name: str, keys: dict, rotations: int = 3) -> tuple[float, f
     atoms = structure(periodic)
     start = time.perf_counter()
     base = model(batch_of(atoms))
+    # the invariant output (energy, or a QM9 target) and the equivariant one (forces, or a dipole)
+    scalar = "energy" if "energy" in base else next(k for k, v in base.items() if v.dim() == 1)
+    vector = (
+        "forces" if "forces" in base else next((k for k, v in base.items() if v.shape[-1:] == (3,)), None)
+    )
     energy_error = force_error = 0.0
     for _ in range(rotations):
         rotation = o3.rand_matrix(dtype=torch.float64)
         out = model(batch_of(atoms, rotation))
-        energy_error = max(
-            energy_error, float((out["energy"] - base["energy"]).abs().max() / base["energy"].abs().max())
-        )
-        if "forces" in base:
-            error = (out["forces"] - base["forces"] @ rotation.T).abs().max() / base["forces"].abs().max()
+        error = (out[scalar] - base[scalar]).abs().max() / base[scalar].abs().max()
+        energy_error = max(energy_error, float(error))
+        if vector is not None:
+            error = (out[vector] - base[vector] @ rotation.T).abs().max() / base[vector].abs().max()
             force_error = max(force_error, float(error))
     return energy_error, force_error, (time.perf_counter() - start) / (rotations + 1)
 
