@@ -205,8 +205,8 @@ def test_rotation_translation_permutation_float64(variant, slab_structures):
 
 
 def test_far_from_origin_float32_keeps_precision(slab_structures):
-    """Positions enter relative to each graph's centre: a structure 1 km away gives the same
-    float32 result as at the origin (absolute positions would lose every digit of R^2)."""
+    """Positions enter relative to each graph's centre: a structure 10,000 A (1 um) away gives the
+    same float32 result as at the origin (absolute positions would lose every digit of R^2)."""
     model = model_for(TINY, torch.float32)
     batch = to_batch(slab_structures[:1])
     far = copy.deepcopy(batch)
