@@ -281,7 +281,6 @@ def test_backbone_protocol_is_embed_interact_readout():
         emb["node_embedding"], EquiformerV1Backbone.forward(model, batch)["node_embedding"]
     )
     assert model.energy_head_class.__name__ == "EquiformerV1EnergyHead"
-    assert model.force_head_class.__name__ == "EquiformerV1ForceHead"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from fairchem.core.common.utils import conditional_grad
 from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 
-from fairchem_equiformers.heads import gradient_inputs, strained
+from fairchem_equiformers.heads import check_gradient_outputs, gradient_inputs, strained
 from fairchem_equiformers.primitives import (
     NORMS,
     GaussianBasis,
@@ -157,13 +157,7 @@ class E2FormerBackbone(nn.Module, GraphModelMixin, BackboneInterface):
         _choice("alpha_type", alpha_type, ALPHA_TYPES)
         _choice("norm_type", norm_type, ["layer_norm", "layer_norm_sh", "rms_norm_sh"])
         _choice("encoder", encoder, [None, "transformer"])
-        if regress_stress and (direct_forces or not regress_forces or not use_pbc):
-            raise ValueError(
-                "regress_stress=True needs direct_forces=False and regress_forces=True (the stress is "
-                "the strain derivative of the energy, computed with the forces) and use_pbc=True "
-                f"(it needs a cell); got direct_forces={direct_forces}, regress_forces={regress_forces}, "
-                f"use_pbc={use_pbc}"
-            )
+        check_gradient_outputs(regress_forces, direct_forces, regress_stress, use_pbc)
         self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, use_pbc_single, otf_graph
         self.regress_forces, self.direct_forces = regress_forces, direct_forces
         self.regress_stress = regress_stress
@@ -229,12 +223,6 @@ class E2FormerBackbone(nn.Module, GraphModelMixin, BackboneInterface):
         from .heads import E2FormerEnergyHead
 
         return E2FormerEnergyHead
-
-    @property
-    def force_head_class(self) -> type:
-        from .heads import E2FormerForceHead
-
-        return E2FormerForceHead
 
     @property
     def conservative(self) -> bool:

@@ -32,7 +32,7 @@ from fairchem.core.common.utils import conditional_grad
 from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 
-from fairchem_equiformers.heads import gradient_inputs, strained
+from fairchem_equiformers.heads import check_gradient_outputs, gradient_inputs, strained
 from fairchem_equiformers.primitives import (
     BesselBasis,
     ExpNormalBasis,
@@ -210,13 +210,7 @@ class EquiformerV1Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             raise ValueError("head='dipole' needs use_pbc=False: a periodic structure has no defined dipole")
         if type(regress_stress).__name__ not in ("bool", "bool_"):
             raise ValueError(f"regress_stress={regress_stress!r} must be a boolean (true or false)")
-        if regress_stress and (direct_forces or not regress_forces or not use_pbc):
-            raise ValueError(
-                "regress_stress=True needs direct_forces=False and regress_forces=True (the stress is "
-                "the strain derivative of the energy, computed with the forces) and use_pbc=True "
-                f"(it needs a cell); got direct_forces={direct_forces}, regress_forces={regress_forces}, "
-                f"use_pbc={use_pbc}"
-            )
+        check_gradient_outputs(regress_forces, direct_forces, regress_stress, use_pbc)
 
         # attributes GraphModelMixin.generate_graph and build_graph read
         self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, use_pbc_single, otf_graph
@@ -275,12 +269,6 @@ class EquiformerV1Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         from .heads import EquiformerV1EnergyHead
 
         return EquiformerV1EnergyHead
-
-    @property
-    def force_head_class(self) -> type:
-        from .heads import EquiformerV1ForceHead
-
-        return EquiformerV1ForceHead
 
     @property
     def conservative(self) -> bool:

@@ -26,7 +26,7 @@ from fairchem.core.common.utils import conditional_grad
 from fairchem.core.models.base import BackboneInterface, GraphModelMixin
 from torch import nn
 
-from fairchem_equiformers.heads import gradient_inputs, strained
+from fairchem_equiformers.heads import check_gradient_outputs, gradient_inputs, strained
 from fairchem_equiformers.primitives import (
     NORMS,
     EdgeRotation,
@@ -184,13 +184,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             raise ValueError(
                 "use_energy_lin_ref=True needs load_energy_lin_ref=True (the references are parameters)"
             )
-        if regress_stress and (direct_forces or not regress_forces or not use_pbc):
-            raise ValueError(
-                "regress_stress=True needs direct_forces=False and regress_forces=True (the stress is "
-                "the strain derivative of the energy, computed with the forces) and use_pbc=True "
-                f"(it needs a cell); got direct_forces={direct_forces}, regress_forces={regress_forces}, "
-                f"use_pbc={use_pbc}"
-            )
+        check_gradient_outputs(regress_forces, direct_forces, regress_stress, use_pbc)
         if num_sphere_samples is not None:
             logging.info("num_sphere_samples has no effect in EquiformerV2 (accepted for released configs)")
 

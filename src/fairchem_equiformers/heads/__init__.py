@@ -5,6 +5,6 @@ A backbone's ``forward(data)`` returns ``emb``: ``node_embedding`` (the family's
 ``graph`` (what its direct heads need), ``pos`` and ``strain`` (see ``gradient.py``), and
 ``node_energy_reference`` ``[N]`` where the backbone holds element references."""
 
-from .gradient import GradientHead, energy_gradients, gradient_inputs, strained
+from .gradient import GradientHead, check_gradient_outputs, energy_gradients, gradient_inputs, strained
 
-__all__ = ["GradientHead", "energy_gradients", "gradient_inputs", "strained"]
+__all__ = ["GradientHead", "check_gradient_outputs", "energy_gradients", "gradient_inputs", "strained"]

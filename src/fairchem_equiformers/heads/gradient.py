@@ -19,6 +19,20 @@ from fairchem.core.models.base import HeadInterface
 from torch import nn
 
 
+def check_gradient_outputs(
+    regress_forces: bool, direct_forces: bool, regress_stress: bool, use_pbc: bool
+) -> None:
+    """Raise ``ValueError`` for a stress that cannot be computed: it is the strain derivative of the
+    energy, taken with the forces (gradient forces), and needs a cell (``use_pbc``)."""
+    if regress_stress and (direct_forces or not regress_forces or not use_pbc):
+        raise ValueError(
+            "regress_stress=True needs direct_forces=False and regress_forces=True (the stress is "
+            "the strain derivative of the energy, computed with the forces) and use_pbc=True "
+            f"(it needs a cell); got direct_forces={direct_forces}, regress_forces={regress_forces}, "
+            f"use_pbc={use_pbc}"
+        )
+
+
 def gradient_inputs(data, forces: bool, stress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions ``[N, 3]`` to build the graph from (requiring grad when ``forces`` or ``stress``)
     and a zero strain ``[B, 3, 3]`` requiring grad (``None`` unless ``stress``)."""
