@@ -17,6 +17,13 @@ from .equiformer_v1 import (
     EquiformerV1ForceHead,
 )
 from .equiformer_v2 import EquiformerV2, EquiformerV2Backbone, EquiformerV2EnergyHead, EquiformerV2ForceHead
+from .equiformer_v3 import (
+    EquiformerV3,
+    EquiformerV3Backbone,
+    EquiformerV3EnergyHead,
+    EquiformerV3ForceHead,
+    EquiformerV3StressHead,
+)
 from .heads import GradientHead
 from .training import ForcesTrainer, NoisyNodesLmdbDataset
 
@@ -39,6 +46,11 @@ __all__ = [
     "EquiformerV2Backbone",
     "EquiformerV2EnergyHead",
     "EquiformerV2ForceHead",
+    "EquiformerV3",
+    "EquiformerV3Backbone",
+    "EquiformerV3EnergyHead",
+    "EquiformerV3ForceHead",
+    "EquiformerV3StressHead",
     "ForcesTrainer",
     "GradientHead",
     "NoisyNodesLmdbDataset",

@@ -27,19 +27,27 @@ class GraphDropPath(nn.Module):
 
 
 class EquivariantDropout(nn.Module):
-    """Dropout of whole channels of a node (all coefficients of a channel share one mask).
+    """Dropout of whole channels of a node: all coefficients of a channel share one mask, or
+    with ``lmax`` given, all coefficients of one degree of a channel (EquiformerV3's).
 
     Shapes: ``x: [N, K, C]``."""
 
-    def __init__(self, drop_prob: float) -> None:
+    def __init__(self, drop_prob: float, lmax: int | None = None) -> None:
         super().__init__()
         self.drop_prob = drop_prob
+        self.lmax = lmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.drop_prob == 0.0:
             return x
-        mask = torch.ones(x.shape[0], 1, x.shape[2], dtype=x.dtype, device=x.device)
-        return x * nn.functional.dropout(mask, self.drop_prob, training=True)
+        groups = 1 if self.lmax is None else self.lmax + 1
+        mask = torch.ones(x.shape[0], groups, x.shape[2], dtype=x.dtype, device=x.device)
+        mask = nn.functional.dropout(mask, self.drop_prob, training=True)
+        if self.lmax is not None:  # [N, lmax+1, C] -> [N, K, C]
+            repeats = torch.tensor([2 * l + 1 for l in range(self.lmax + 1)], device=x.device)
+            mask = mask.repeat_interleave(repeats, dim=1)
+        return x * mask
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
+        per = "channel" if self.lmax is None else f"degree and channel (lmax={self.lmax})"
+        return f"drop_prob={self.drop_prob}, one mask per {per}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from e3nn import o3
 
@@ -23,13 +25,21 @@ class S2Grid(torch.nn.Module):
     Shapes: ``to_grid: [..., K', C] -> [..., G, C]``; ``from_grid`` the reverse.
     """
 
-    def __init__(self, layout: SphericalLayout, resolution: int | None, edge_layout: bool) -> None:
+    def __init__(
+        self, layout: SphericalLayout, resolution: int | Sequence[int] | None, edge_layout: bool
+    ) -> None:
+        """``resolution``: points in latitude and longitude (one number: the same for both, a
+        pair: ``[latitude, longitude]``, EquiformerV3's ``*_grid_resolution_list``)."""
         super().__init__()
         lmax, mmax = layout.lmax, layout.mmax
         if resolution is None:
             res = default_grid_resolution(lmax, mmax)
-        else:
+        elif isinstance(resolution, int):
             res = (resolution, resolution)
+        else:
+            res = tuple(int(r) for r in resolution)
+            if len(res) != 2:
+                raise ValueError(f"grid resolution {list(resolution)}: give [latitude, longitude] points")
         to_grid = o3.ToS2Grid(lmax, res, normalization="component", dtype=torch.float64)
         from_grid = o3.FromS2Grid(res, lmax, normalization="component", dtype=torch.float64)
         # [lat, long, K] -> [G, K]

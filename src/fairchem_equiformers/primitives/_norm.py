@@ -82,30 +82,43 @@ class EquivariantLayerNormSH(nn.Module):
 
 
 class EquivariantRMSNormSH(nn.Module):
-    """``rms_norm_sh``: scalars centred, then one degree-balanced RMS over all degrees."""
+    """``rms_norm_sh``: scalars centred, then one degree-balanced RMS over all degrees
+    (EquiformerV3's ``merge_layer_norm``). ``centering=False``: neither the centring nor the
+    scalar bias (EquiformerV3's ``merge_rms_norm``)."""
 
-    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5, centering: bool = True) -> None:
         super().__init__()
-        self.lmax, self.num_channels, self.eps = lmax, num_channels, eps
+        self.lmax, self.num_channels, self.eps, self.centering = lmax, num_channels, eps, centering
         self.affine_weight = nn.Parameter(torch.ones(lmax + 1, num_channels))
-        self.affine_bias = nn.Parameter(torch.zeros(num_channels))
+        self.affine_bias = nn.Parameter(torch.zeros(num_channels)) if centering else None
         self.register_buffer("degree_weights", _degree_weights(lmax, 0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
-        scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
-        centred = torch.cat([scalars - scalars.mean(dim=2, keepdim=True), rest], dim=1)  # [N, K, C]
-        mean_square = _degree_mean_square(centred, self.degree_weights)
+        if self.centering:
+            scalars, rest = x.split([1, x.shape[1] - 1], dim=1)  # [N, 1, C], [N, K-1, C]
+            x = torch.cat([scalars - scalars.mean(dim=2, keepdim=True), rest], dim=1)  # [N, K, C]
+        mean_square = _degree_mean_square(x, self.degree_weights)
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
-        out = centred * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
+        out = x * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
+        if not self.centering:
+            return out
         out_scalars, out_rest = out.split([1, out.shape[1] - 1], dim=1)
         return torch.cat([out_scalars + self.affine_bias, out_rest], dim=1)
+
+
+class EquivariantRMSNormSHUncentred(EquivariantRMSNormSH):
+    """``rms_norm_sh`` without centring or scalar bias (EquiformerV3's ``merge_rms_norm``)."""
+
+    def __init__(self, lmax: int, num_channels: int, eps: float = 1e-5) -> None:
+        super().__init__(lmax, num_channels, eps, centering=False)
 
 
 NORMS = {
     "layer_norm": EquivariantLayerNorm,
     "layer_norm_sh": EquivariantLayerNormSH,
     "rms_norm_sh": EquivariantRMSNormSH,
+    "rms_norm_sh_uncentred": EquivariantRMSNormSHUncentred,
 }
 
 

@@ -1,0 +1,13 @@
+"""EquiformerV3: backbone, heads and the composite model (registered with fairchem)."""
+
+from .backbone import EquiformerV3Backbone
+from .heads import EquiformerV3EnergyHead, EquiformerV3ForceHead, EquiformerV3StressHead
+from .model import EquiformerV3
+
+__all__ = [
+    "EquiformerV3",
+    "EquiformerV3Backbone",
+    "EquiformerV3EnergyHead",
+    "EquiformerV3ForceHead",
+    "EquiformerV3StressHead",
+]
