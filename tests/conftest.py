@@ -74,6 +74,30 @@ def molecule_batch():
     return to_batch([molecule_in_box("CH3CH2OH"), molecule_in_box("H2O")])
 
 
+# a small EquiformerV3 (the official default activations and norm), for the tests
+TINY_V3 = dict(
+    use_pbc=True,
+    otf_graph=True,
+    max_neighbors=100,
+    max_radius=5.0,
+    max_num_elements=90,
+    num_layers=2,
+    num_channels=16,
+    attn_hidden_channels=8,
+    num_heads=2,
+    attn_alpha_channels=4,
+    attn_value_channels=4,
+    ffn_hidden_channels=16,
+    lmax=2,
+    mmax=2,
+    attn_grid_resolution_list=[8, 7],
+    ffn_grid_resolution_list=[8, 8],
+    edge_channels=8,
+    num_radial_basis=16,
+    attn_weights_drop=0.0,
+    drop_path_rate=0.0,
+)
+
 TINY_V2 = dict(
     use_pbc=True,
     otf_graph=True,

@@ -8,10 +8,10 @@ import inspect
 import pytest
 from fairchem.core.common.registry import registry
 
-from fairchem_equiformers import DEQEquiformerV1, DEQEquiformerV2, E2Former, EquiformerV1, EquiformerV2
+from fairchem_equiformers import DEQEquiformerV1, DEQEquiformerV2, E2Former, EquiformerV1, EquiformerV2, EquiformerV3
 from fairchem_equiformers.deq import DEQ, DEQBackbone
 
-from .conftest import TINY_V2
+from .conftest import TINY_V2, TINY_V3
 from .model_battery import BatteryConfig, ModelBattery
 from .test_deq import GATE as DEQ_GATE
 from .test_deq_v1 import TINY_DEQ_V1
@@ -32,6 +32,7 @@ RECORDS_A_GRADIENT = (
 )
 NO_EDGE_CHUNKS = "its attention has no edge chunking (only EquiformerV2's attention chunks)"
 CONSTANT_V2 = {"energy_block.so3_linear_2.bias": "a constant energy per atom: no force"}
+CONSTANT_V3 = {"energy_block.linear_2.bias": "a constant energy per atom: no force"}
 CONSTANT_V1 = {"energy_head.2.bias": "a constant energy per atom: no force"}
 V1_FORCE_HEAD = {
     "force_head.value_projection.bias": "adds to the force head's scalar (0e) values only; its output "
@@ -453,6 +454,92 @@ class TestDEQOverE2Former(ModelBattery):
         training_kwargs={"gradient": "unrolled", "solver_train": TIGHT},
         force_loss_constant=backbone(CONSTANT_V1),
         edge_chunks=NO_EDGE_CHUNKS,
+    )
+
+
+# gate activations everywhere (no S2 grid): exactly equivariant
+V3_GATE = {**TINY_V3, "attn_activation": "gate", "ffn_activation": "gate", "use_grid_mlp": False, "lmax": 3}
+class TestEquiformerV3Direct(ModelBattery):
+    config = BatteryConfig(
+        EquiformerV3,
+        V3_GATE,
+        dict(
+            rotation_energy=ROUND_OFF,  # measured 4.4e-16
+            rotation_forces=ROUND_OFF,  # 5.8e-15
+            translation_energy=ROUND_OFF,
+            translation_forces=ROUND_OFF,
+            permutation_energy=ROUND_OFF,
+            permutation_forces=ROUND_OFF,
+            batch_energy=ROUND_OFF,
+            batch_forces=ROUND_OFF,
+            second_order=3e-9,  # 7.2e-10
+            edge_chunks_energy=ROUND_OFF,
+            edge_chunks_forces=ROUND_OFF,
+        ),
+        direct_forces=True, edge_chunks=NO_EDGE_CHUNKS,
+        no_gradient={
+            "force_block.proj.bias": "adds to the force head's scalar output only; the forces are its degree 1",
+            **dict.fromkeys(
+                ["force_block.so2_linear_1.so2_m_linear.1.fc.weight", "force_block.so2_linear_2.so2_m_linear.1.fc.weight"],
+                "gate activations do not mix orders m: the force head's m = 2 maps only feed m = 2 values, "
+                "which its degree-1 output never reads (as EquiformerV2's gate force head)",
+            ),
+        },
+    )
+
+
+class TestEquiformerV3Gradient(ModelBattery):
+    config = BatteryConfig(
+        EquiformerV3,
+        {**TINY_V3, "direct_prediction": False},
+        dict(
+            # the official default activations (sep-merge_gates2_swiglu): products of grid values,
+            # not a SiLU, so a fine enough grid integrates them almost exactly (L2/M2 on 8 x 7 here)
+            rotation_energy=3e-7,  # measured 6.8e-8
+            rotation_forces=3e-6,  # 8.9e-7
+            translation_energy=ROUND_OFF,
+            translation_forces=3e-14,  # 9.0e-15
+            permutation_energy=ROUND_OFF,
+            permutation_forces=ROUND_OFF,
+            batch_energy=ROUND_OFF,
+            batch_forces=3e-14,  # 8.6e-15
+            fd_forces=2e-8,  # 4.8e-9
+            second_order=1e-8,  # 2.9e-9
+            edge_chunks_energy=ROUND_OFF,
+            edge_chunks_forces=ROUND_OFF,
+        ),
+        direct_forces=False,
+        fd_step=1e-6, edge_chunks=NO_EDGE_CHUNKS, force_loss_constant=CONSTANT_V3, perturbation=0.3,
+    )
+
+
+class TestEquiformerV3Stress(ModelBattery):
+    config = BatteryConfig(
+        EquiformerV3,
+        {**V3_GATE, "direct_prediction": False, "regress_stress": True},
+        dict(
+            rotation_energy=ROUND_OFF,
+            rotation_forces=1e-13,  # measured 2.4e-14
+            rotation_stress=1e-13,  # 4.2e-14
+            translation_energy=ROUND_OFF,
+            translation_forces=ROUND_OFF,
+            translation_stress=ROUND_OFF,
+            permutation_energy=ROUND_OFF,
+            permutation_forces=ROUND_OFF,
+            permutation_stress=ROUND_OFF,
+            batch_energy=ROUND_OFF,
+            batch_forces=ROUND_OFF,
+            batch_stress=ROUND_OFF,
+            fd_forces=1e-8,  # 2.1e-9
+            second_order=2e-8,  # 5.3e-9
+            stress_symmetry=ROUND_OFF,
+            fd_stress=1e-9,  # 2.0e-10
+            edge_chunks_energy=ROUND_OFF,
+            edge_chunks_forces=ROUND_OFF,
+            edge_chunks_stress=ROUND_OFF,
+        ),
+        direct_forces=False, molecule_kwargs={"use_pbc": True}, fd_step=1e-6, stress=True, min_stress=1e-4,  # measured 4.4e-4
+        edge_chunks=NO_EDGE_CHUNKS, force_loss_constant=CONSTANT_V3, perturbation=0.3,
     )
 
 

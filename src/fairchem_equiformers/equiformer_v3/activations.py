@@ -90,7 +90,7 @@ class GateV3(nn.Module):
         self.register_buffer("gate_index", torch.tensor([l - 1 for l in degrees]), persistent=False)
 
     def forward(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        gates = _dropout(self, torch.sigmoid(scalars.reshape(x.shape[0], self.lmax, -1)))  # [B, lmax, C]
+        gates = _dropout(self, torch.sigmoid(scalars.reshape(x.shape[0], self.lmax, x.shape[2])))  # [B, lmax, C]
         scalar, rest = x.split([1, x.shape[1] - 1], dim=1)
         scalar = _dropout(self, nn.functional.silu(scalar))
         return torch.cat([scalar, rest * gates.index_select(1, self.gate_index)], dim=1)

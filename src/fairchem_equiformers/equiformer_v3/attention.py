@@ -180,7 +180,7 @@ class EquivariantGraphAttention(nn.Module):
             edge_input = torch.cat(
                 [edge_input, self.source_embedding(edges.source_z), self.target_embedding(edges.target_z)], dim=1
             )
-        weights = self.rad_func(edge_input).view(edge_input.shape[0], self.radial_rows, -1)  # [E, rows, 2C]
+        weights = self.rad_func(edge_input).view(-1, self.radial_rows, 2 * self.in_channels)  # [E, rows, 2C]
         groups = edges.rotation.gather_to_edge(x, edges.edge_index)  # per order [E, rows, 2C]: source | target
         weighted = []
         for group, w in zip(groups, self._order_weights(weights)):
@@ -194,7 +194,7 @@ class EquivariantGraphAttention(nn.Module):
         message = self.act(message, scalars) if self.scalar_channels else self.act(message)
         message = self.so2_linear_2(message)  # [E, K_e, H * V]
 
-        alpha = self.alpha_norm(logits.view(-1, self.num_heads, self.alpha_channels))
+        alpha = self.alpha_norm(logits.view(logits.shape[0], self.num_heads, self.alpha_channels))
         alpha = self.alpha_dropout(self.alpha_act(alpha))
         alpha = torch.einsum("ehc,hc->eh", alpha, self.alpha_dot)  # [E, H]
         alpha = envelope_softmax(
@@ -205,7 +205,8 @@ class EquivariantGraphAttention(nn.Module):
             alpha = alpha * edges.envelope
         alpha = self.attn_weights_dropout(alpha)
         num_edges = message.shape[0]
-        message = message.view(num_edges, -1, self.num_heads, self.value_channels) * alpha[:, None, :, None]
-        message = edges.rotation.from_edge(message.view(num_edges, message.shape[1], -1))  # [E, K, H * V]
+        rows = message.shape[1]
+        message = message.view(num_edges, rows, self.num_heads, self.value_channels) * alpha[:, None, :, None]
+        message = edges.rotation.from_edge(message.view(num_edges, rows, self.num_heads * self.value_channels))  # [E, K, H * V]
         summed = message.new_zeros(edges.num_nodes, *message.shape[1:]).index_add_(0, edges.edge_index[1], message)
         return self.proj(summed)
