@@ -14,7 +14,7 @@ from fairchem.core.preprocessing import AtomsToGraphs
 
 import fairchem_equiformers  # noqa: F401  (registers the models)
 
-from .conftest import TINY_V2, molecule_in_box, slab_with_adsorbate
+from .conftest import TINY_V2, TINY_V3, molecule_in_box, slab_with_adsorbate
 from .test_deq import TINY_DEQ
 from .test_deq_v1 import TINY_DEQ_V1
 from .test_e2former import TINY as TINY_E2FORMER
@@ -34,6 +34,7 @@ TINY = {
     "EquiformerV1": TINY_V1,
     "DEQEquiformerV1": {**TINY_DEQ_V1, **DEQ_SOLVER},
     "E2Former": {**TINY_E2FORMER, "num_layers": 1},
+    "EquiformerV3": {**TINY_V3, "num_layers": 1, "direct_prediction": False, "avg_num_nodes": 1.0},
 }
 # every registered model with the keys at the top level: backbones and heads are parts of these,
 # and the general ``DEQ`` takes them in its ``backbone:`` section (``DEQEquiformerV2``/``V1`` are

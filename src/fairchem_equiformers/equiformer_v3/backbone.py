@@ -267,11 +267,7 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         stress = self.regress_stress and not self.direct_prediction
         pos, strain = gradient_inputs(data, self.conservative, stress)
         atomic_numbers = data.atomic_numbers.long()
-        check_structures(
-            atomic_numbers, pos, data.natoms, self.max_num_elements,
-            cell=data.cell if self.use_pbc else None, sid=getattr(data, "sid", None),
-        )  # fmt: skip
-        graph = build_graph(self, data, pos)
+        graph = self._checked_graph(data, pos, atomic_numbers)
         edge_index = graph.edge_index  # [2, E]
         edge_vec = strained(graph.edge_vec, strain, data.batch[edge_index[0]])  # [E, 3]
         distance = edge_vec.norm(dim=-1)  # [E]
@@ -287,6 +283,16 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         x = self.edge_degree_embedding(edges)  # [N, K, C]
         x = torch.cat([x[:, :1] + self.sphere_embedding(atomic_numbers)[:, None], x[:, 1:]], dim=1)
         return x, EquiformerV3State(edges, pos, strain)
+
+    @torch._dynamo.disable
+    def _checked_graph(self, data, pos: torch.Tensor, atomic_numbers: torch.Tensor):
+        """Input checks and the neighbour search: data-dependent, so ``torch.compile`` leaves
+        them to eager mode (the graph break is here, before the blocks)."""
+        check_structures(
+            atomic_numbers, pos, data.natoms, self.max_num_elements,
+            cell=data.cell if self.use_pbc else None, sid=getattr(data, "sid", None),
+        )  # fmt: skip
+        return build_graph(self, data, pos)
 
     def _edge_rotation(self, edge_vec: torch.Tensor) -> EdgeRotation:
         """Per-edge frames: deterministic, from the edge vectors ``[E, 3]``."""

@@ -25,6 +25,7 @@ import torch
 from e3nn import o3
 
 
+@torch._dynamo.disable  # it switches the default dtype, which torch.compile must not trace
 @cache
 def swap_matrix(l: int) -> torch.Tensor:
     """J_l ``[2l+1, 2l+1]`` in float64: e3nn's Wigner-D of Euler angles (pi/2, pi/2, pi/2).
