@@ -73,15 +73,18 @@ def test_registered_names_do_not_shadow_fairchem_builtins():
     models = sorted(
         f"fairchem_equiformers.{name}"
         for name in fairchem_equiformers.__all__
-        if name not in ("ForcesTrainer", "NoisyNodesLmdbDataset")
+        if name not in ("ForcesTrainer", *DATASETS)
     )
     for name in ("EquiformerV1", "EquiformerV2", "E2Former", "DEQEquiformerV1", "DEQEquiformerV2"):
         assert f"fairchem_equiformers.{name}" in models
     assert new["model_name_mapping"] == models
     assert new["trainer_name_mapping"] == ["fairchem_equiformers.ForcesTrainer"]
-    assert new["dataset_name_mapping"] == ["fairchem_equiformers.NoisyNodesLmdbDataset"]
+    assert new["dataset_name_mapping"] == [f"fairchem_equiformers.{name}" for name in DATASETS]
     assert not set(new["model_name_mapping"]) & BUILTIN_MODELS
     assert not set(new.get("trainer_name_mapping", [])) & BUILTIN_TRAINERS
+
+
+DATASETS = ("NoisyNodesLmdbDataset", "OC20TotalEnergyLmdbDataset")  # registered datasets, sorted
 
 
 def test_top_level_exports():
@@ -89,7 +92,8 @@ def test_top_level_exports():
 
     import fairchem_equiformers
 
-    kinds = {"ForcesTrainer": registry.get_trainer_class, "NoisyNodesLmdbDataset": registry.get_dataset_class}
+    kinds = {"ForcesTrainer": registry.get_trainer_class}
+    kinds |= {name: registry.get_dataset_class for name in DATASETS}
     for name in fairchem_equiformers.__all__:
         cls = getattr(fairchem_equiformers, name)
         kind = kinds.get(name, registry.get_model_class)

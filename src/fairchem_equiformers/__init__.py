@@ -25,7 +25,7 @@ from .equiformer_v3 import (
     EquiformerV3StressHead,
 )
 from .heads import GradientHead
-from .training import ForcesTrainer, NoisyNodesLmdbDataset
+from .training import ForcesTrainer, NoisyNodesLmdbDataset, OC20TotalEnergyLmdbDataset
 
 __all__ = [
     "DEQ",
@@ -54,5 +54,6 @@ __all__ = [
     "ForcesTrainer",
     "GradientHead",
     "NoisyNodesLmdbDataset",
+    "OC20TotalEnergyLmdbDataset",
 ]
 __version__ = "0.1.0"
