@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fairchem_equiformers.primitives import S2Grid
+from fairchem_equiformers.primitives import S2Grid, grid_product
 
 ACTIVATIONS = (
     "gate",
@@ -137,9 +137,14 @@ class GatedGridProduct(nn.Module):
         scalar_in, gates = scalars.split([x.shape[2], scalars.shape[1] - x.shape[2]], dim=1)
         scalar_out = _dropout(self, swiglu(scalar_in))[:, None, :]  # [B, 1, C]
         gates = torch.sigmoid(gates)[:, None, :]  # [B, 1, C]
-        to_grid = self.grid.to_grid_matrix.to(x.dtype)  # [G, K']
-        from_grid = self.grid.from_grid_matrix.to(x.dtype).T  # [K', G]
-        out = (from_grid @ _dropout(self, square(to_grid @ x))) * gates  # [B, K', C]
+        a, b = x.chunk(2, dim=-1)  # [B, K', C] each
+        if self.dropout and self.training:
+            to_grid = self.grid.to_grid_matrix.to(x.dtype)  # [G, K']
+            from_grid = self.grid.from_grid_matrix.to(x.dtype).T  # [K', G]
+            product = from_grid @ _dropout(self, (to_grid @ a) * (to_grid @ b))
+        else:
+            product = grid_product(self.grid, a, b)  # chunked: the grid values are never held whole
+        out = product * gates  # [B, K', C]
         return torch.cat([out[:, :1] + scalar_out, out[:, 1:]], dim=1)
 
     def forward(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,14 @@ import math
 import torch
 from torch import nn
 
-from fairchem_equiformers.primitives import S2Grid, SO3Linear
+from fairchem_equiformers.primitives import S2Grid, SO3Linear, grid_product
 
 from .activations import check_activation, make_activation, square, swiglu
 
 
 class GatedSwiGLUGridMLP(nn.Module):
-    """The ``gates2`` grid MLP: ``W2 [(sigmoid(gate(s)) * a) * b]`` with ``a, b`` the halves of
-    ``W1 x`` at every grid point. Shapes: ``x: [N, G, H]``, ``scalars: [N, 1, C]`` -> ``[N, G, H]``."""
+    """The parameters of the ``gates2`` grid MLP, ``W2 [(sigmoid(gate(s)) * a) * b]`` with ``a, b``
+    the halves of ``W1 x`` at every grid point (computed by ``FeedForwardV3._grid_mlp``)."""
 
     def __init__(self, in_channels: int, hidden_channels: int, dropout: float) -> None:
         super().__init__()
@@ -29,11 +29,6 @@ class GatedSwiGLUGridMLP(nn.Module):
         self.grid_linear_1 = nn.Linear(hidden_channels, 2 * hidden_channels, bias=False)
         self.grid_drop = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
         self.grid_linear_2 = nn.Linear(hidden_channels, hidden_channels, bias=False)
-
-    def forward(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        gates = torch.sigmoid(self.gating_linear(scalars))  # [N, 1, H]
-        a, b = self.grid_linear_1(x).chunk(2, dim=-1)
-        return self.grid_linear_2(self.grid_drop((a * gates) * b))
 
 
 class _GLULinear(nn.Module):
@@ -114,15 +109,35 @@ class FeedForwardV3(nn.Module):
         if self.merge:  # the official initialisation
             self.so3_linear_2.weight.data[0].mul_(1.0 / math.sqrt(2.0))
 
+    def _grid_mlp(self, hidden: torch.Tensor, scalars_in: torch.Tensor) -> torch.Tensor:
+        """The grid MLP ``[N, K, H] -> [N, K, H]``. Its first and last linear maps act on the
+        channels only, so they commute with the projections to and from the grid: they run on
+        the K coefficients instead of the G grid points (at L6 on a 20 x 20 grid, 49 rather than
+        400), the same function. Only what lies between them runs on the grid."""
+        to_grid = self.so3_grid.to_grid_matrix.to(hidden.dtype)  # [G, K]
+        from_grid = self.so3_grid.from_grid_matrix.to(hidden.dtype).T  # [K, G]
+        mlp = self.grid_mlp
+        if "gates2" in self.activation:
+            a, b = nn.functional.linear(hidden, mlp.grid_linear_1.weight).chunk(2, dim=-1)  # [N, K, H] each
+            gates = torch.sigmoid(mlp.gating_linear(scalars_in))  # [N, 1, H]: the same at every grid point
+            if isinstance(mlp.grid_drop, nn.Dropout) and self.training:
+                product = from_grid @ mlp.grid_drop((to_grid @ (a * gates)) * (to_grid @ b))
+            else:
+                product = grid_product(self.so3_grid, a * gates, b)  # chunked: grid values never held whole
+            return nn.functional.linear(product, mlp.grid_linear_2.weight)
+        if isinstance(mlp[0], _GLULinear):  # swiglu / square: GLU, dropout, linear
+            grid = mlp[1](mlp[0].function(to_grid @ nn.functional.linear(hidden, mlp[0].linear.weight)))
+            return nn.functional.linear(from_grid @ grid, mlp[2].weight)
+        # linear, SiLU, dropout, linear, SiLU, dropout, linear: the middle linear stays on the grid
+        grid = mlp[2](nn.functional.silu(to_grid @ nn.functional.linear(hidden, mlp[0].weight)))
+        grid = mlp[5](nn.functional.silu(mlp[3](grid)))
+        return nn.functional.linear(from_grid @ grid, mlp[6].weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scalars_in = x[:, :1]  # [N, 1, C_in]
         hidden = self.so3_linear_1(x)  # [N, K, H]
         if self.use_grid_mlp:
-            to_grid = self.so3_grid.to_grid_matrix.to(hidden.dtype)  # [G, K]
-            from_grid = self.so3_grid.from_grid_matrix.to(hidden.dtype).T  # [K, G]
-            grid = to_grid @ hidden  # [N, G, H]
-            grid = self.grid_mlp(grid, scalars_in) if "gates2" in self.activation else self.grid_mlp(grid)
-            hidden = from_grid @ grid  # [N, K, H]
+            hidden = self._grid_mlp(hidden, scalars_in)  # [N, K, H]
             if self.scalar_mlp is not None:
                 scalars = self.scalar_mlp(scalars_in)  # [N, 1, H]
                 first = hidden[:, :1] + scalars if self.merge else scalars

@@ -6,7 +6,14 @@ node-layout coefficients, K_e edge-layout coefficients (truncated at mmax), G gr
 C channels, H heads.
 """
 
-from ._activation import GateActivation, S2Activation, SeparableS2Activation, SmoothLeakyReLU, grid_mlp
+from ._activation import (
+    GateActivation,
+    S2Activation,
+    SeparableS2Activation,
+    SmoothLeakyReLU,
+    grid_mlp,
+    grid_product,
+)
 from ._blocks import row_blocks
 from ._dropout import EquivariantDropout, GraphDropPath
 from ._graph import Graph, build_graph, check_common_model_keys, check_structures, radius_graph_nonperiodic
@@ -45,6 +52,7 @@ __all__ = [
     "SeparableS2Activation",
     "SmoothLeakyReLU",
     "grid_mlp",
+    "grid_product",
     "EquivariantDropout",
     "GraphDropPath",
     # e3nn irreps features (Equiformer V1)

@@ -146,6 +146,41 @@ def grid_mlp(grid: S2Grid, mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(hidden, mlp[4].weight)
 
 
+class _GridProduct(torch.autograd.Function):
+    """``m3 @ ((m1 @ u) * (m2 @ v))`` a chunk of rows at a time: the pointwise product of two
+    functions on the grid, projected back (``m1 = m2 = to_grid``, ``m3 = from_grid``). The grid
+    values ``[B, G, C]`` are never held whole. The map is bilinear, so each input's gradient is
+    the same kind of product (``grad_u = m1^T ((m3^T grad) * (m2 v))``): the backward calls this
+    function again, and double backward (conservative forces in training) comes for free."""
+
+    @staticmethod
+    @float32_under_autocast
+    def forward(ctx, u, v, m1, m2, m3):  # u, v [B, K_in, C]; m1, m2 [G, K_in]; m3 [K_out, G]
+        ctx.save_for_backward(u, v, m1, m2, m3)
+        out = u.new_empty(u.shape[0], m3.shape[0], u.shape[2])
+        for rows in _row_chunks(u.shape[0], m1.shape[0] * u.shape[2]):
+            torch.matmul(m3, (m1 @ u[rows]).mul_(m2 @ v[rows]), out=out[rows])
+        return out
+
+    @staticmethod
+    @float32_under_autocast
+    def backward(ctx, grad_out):  # [B, K_out, C]
+        u, v, m1, m2, m3 = ctx.saved_tensors
+        grad_u = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_u = _GridProduct.apply(grad_out, v, m3.T, m2, m1.T)
+        if ctx.needs_input_grad[1]:
+            grad_v = _GridProduct.apply(grad_out, u, m3.T, m1, m2.T)
+        return grad_u, grad_v, None, None, None
+
+
+def grid_product(grid: S2Grid, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The product of the functions ``u`` and ``v`` on the grid, projected back:
+    ``[B, K', C] x [B, K', C] -> [B, K', C]`` (EquiformerV3's self tensor product)."""
+    to_grid = grid.to_grid_matrix.to(u.dtype)
+    return _GridProduct.apply(u, v, to_grid, to_grid, grid.from_grid_matrix.to(u.dtype).T)
+
+
 class S2Activation(nn.Module):
     """SiLU applied pointwise to the function on the sphere, then projected back.
 
