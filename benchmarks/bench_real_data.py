@@ -31,10 +31,10 @@ something else competed for the CPU and the wall-clock budget bought less.
 
 Models (conservative forces for all):
 
-* ours (EquiformerV2, EquiformerV1, E2Former, DEQ-EquiformerV2): the stock ``fairchem`` CLI with the
+* ours (EquiformerV2, EquiformerV3, EquiformerV1, E2Former, DEQ-EquiformerV2): the stock ``fairchem`` CLI with the
   plugin's ``fairchem_equiformers.ForcesTrainer``; small MD17-style models (``FAMILIES`` below), loss
-  energy MAE x1 + force L2-MAE x80 (+ stress MAE x100 for Si with EquiformerV2, the only family with a
-  stress today), AdamW, cosine learning rate with a 5% warm-up, EMA of the weights (decay 0.99, less
+  energy MAE x1 + force L2-MAE x80 (+ stress MAE x100 for Si, for every family but the DEQ, whose
+  wrapper has no stress output), AdamW, cosine learning rate with a 5% warm-up, EMA of the weights (decay 0.99, less
   for runs under 1,000 steps: fairchem's EMA has no warm-up), batch 8.
 * MACE: ``mace-torch`` in its own virtualenv (``benchmarks/.venv-mace``, made on first use by
   ``mace_env.sh``: MACE pins e3nn 0.4.4, ours needs 0.6; the same torch 2.4.1), trained with its
@@ -129,7 +129,7 @@ FAMILIES = {
         lr=1e-3,
     ),
     "equiformer_v1": dict(
-        label="EquiformerV1", name="fairchem_equiformers.EquiformerV1", stress=False, avg=True,
+        label="EquiformerV1", name="fairchem_equiformers.EquiformerV1", stress=True, avg=True,
         model=dict(num_layers=2, irreps_node_embedding="64x0e+32x1e+16x2e",
                    irreps_head="16x0e+8x1e+4x2e", num_heads=4, irreps_mlp_mid="192x0e+96x1e+48x2e",
                    irreps_feature="256x0e", attention_type="mlp_nonlinear", radial_basis="exp",
@@ -137,8 +137,17 @@ FAMILIES = {
                    drop_path_rate=0.0),
         lr=1e-3,
     ),
+    "equiformer_v3": dict(
+        label="EquiformerV3", name="fairchem_equiformers.EquiformerV3", stress=True, avg=True,
+        gradient_key="direct_prediction",
+        model=dict(num_layers=4, num_channels=64, attn_hidden_channels=32, num_heads=4, attn_alpha_channels=16,
+                   attn_value_channels=16, ffn_hidden_channels=128, lmax=2, mmax=2,
+                   attn_grid_resolution_list=[8, 7], ffn_grid_resolution_list=[8, 8], edge_channels=64,
+                   num_radial_basis=64, attn_weights_drop=0.0, drop_path_rate=0.0),
+        lr=1e-3,
+    ),
     "e2former": dict(
-        label="E2Former", name="fairchem_equiformers.E2Former", stress=False, avg=False,
+        label="E2Former", name="fairchem_equiformers.E2Former", stress=True, avg=False,
         model=dict(num_layers=2, irreps_node_embedding="64x0e+64x1e+64x2e", num_heads=4,
                    attn_type="all-order", alpha_type="QK", attn_alpha_channels=16,
                    ffn_hidden_channels=128, norm_type="rms_norm_sh", num_distance_basis=128,
@@ -417,7 +426,7 @@ def ours_config(family: str, data_dir: Path, periodic: bool, stress: bool, epoch
     stress = stress and spec["stress"]
     model = {
         "name": spec["name"], "use_pbc": periodic, "otf_graph": True, "regress_forces": True,
-        "direct_forces": False, "max_neighbors": MAX_NEIGHBORS, "max_radius": CUTOFF,
+        spec.get("gradient_key", "direct_forces"): False, "max_neighbors": MAX_NEIGHBORS, "max_radius": CUTOFF,
         "max_num_elements": 90, **copy.deepcopy(spec["model"]),
     }  # fmt: skip
     if spec["avg"]:
