@@ -51,3 +51,32 @@ def test_learns_emt_slabs_better_than_the_mean_predictor(direct):
     print(f"\nMEASURED EquiformerV3 {'direct' if direct else 'gradient'}: energy MAE {energy_mae:.3f} eV, "
           f"forces {force_mae:.3f} eV/A; mean predictor {mean_energy:.3f}, {mean_force:.3f}; ratios {ratios}")  # fmt: skip
     assert ratios[0] < REQUIRED[direct][0] and ratios[1] < REQUIRED[direct][1]
+
+
+def test_gradient_fine_tune_starts_from_a_direct_checkpoint(emt_database, tmp_path, caplog):
+    """The official recipe through the trainer: ``optim.load_pretrained_weights`` puts a direct
+    checkpoint's weights (DDP prefixes and all) into a gradient model, its direct heads dropped
+    with a warning; a checkpoint key the model lacks is an error naming it."""
+    import logging
+
+    from .conftest import cli_config
+    from .test_training import make_trainer
+
+    model = {**TINY_V3, "max_num_elements": 90}
+    torch.manual_seed(1)
+    direct = EquiformerV3(**model, regress_stress=True)
+    path = tmp_path / "direct.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}}, path)
+    config = cli_config(emt_database, {"name": "fairchem_equiformers.EquiformerV3", **model, "direct_prediction": False},
+                        load_pretrained_weights=str(path))  # fmt: skip
+    config["trainer"] = "fairchem_equiformers.ForcesTrainer"
+    with caplog.at_level(logging.WARNING), make_trainer(tmp_path, config, "finetune") as trainer:
+        loaded = trainer._unwrapped_model.state_dict()
+    assert "direct heads" in caplog.text
+    assert not any(k.startswith(("force_block", "stress_block")) for k in loaded)
+    expected = direct.state_dict()
+    assert loaded.keys() <= expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+    torch.save({"state_dict": {**direct.state_dict(), "blocks.9.ga.alpha_dot": torch.zeros(2, 4)}}, path)
+    with pytest.raises(KeyError, match="blocks.9.ga.alpha_dot"), make_trainer(tmp_path, config, "bad"):
+        pass

@@ -25,6 +25,12 @@ losses, evaluation, logging and distributed training are the host's):
   than one batch, both of which trip the host's ``equiformerv2_forces`` trainer;
 * a loss coefficient may decay linearly over the run (``final_coefficient`` next to
   ``coefficient`` in ``loss_functions``; the Equiformer IS2RS auxiliary loss goes from 15 to 1);
+* ``optim.load_pretrained_weights: <checkpoint>`` starts from a checkpoint's model weights only
+  (the official EquiformerV3 fine-tuning key): fresh optimiser, schedule and EMA; the model's
+  own loading rules apply (prefixes, a direct checkpoint into a gradient model drops the direct
+  heads with a warning); parameters the checkpoint lacks keep their initialisation and are
+  logged, checkpoint keys the model lacks are an error naming them. ``--checkpoint`` (resuming)
+  loads after it and wins;
 * a training set with ``set_epoch`` (``NoisyNodesLmdbDataset``) is told the epoch before each
   one, which switches on and seeds its perturbations (val/test sets are never told).
 """
@@ -54,7 +60,7 @@ OPTIM_KEYS = {
     "batch_size", "eval_batch_size", "load_balancing", "load_balancing_on_error", "num_workers",
     "optimizer", "optimizer_params", "lr_initial", "scheduler", "scheduler_params", "max_epochs",
     "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
-    "checkpoint_format", "load_datasets_and_model_then_exit",
+    "checkpoint_format", "load_datasets_and_model_then_exit", "load_pretrained_weights",
 }  # fmt: skip
 
 
@@ -80,6 +86,31 @@ def check_optim_keys(optim: dict) -> None:
     unknown = sorted(set(optim) - OPTIM_KEYS)
     if unknown:
         raise ValueError(f"unknown optim key(s) {unknown}; this trainer reads {sorted(OPTIM_KEYS)}")
+
+
+def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
+    """A checkpoint's model weights (``state_dict``; the raw weights, as the official recipe) into
+    ``model``: keys it lacks keep the model's initialisation (logged), keys the model lacks are
+    an error naming them."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"optim.load_pretrained_weights: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"optim.load_pretrained_weights: {path} holds no state_dict")
+    prefixes = ("module.", "_orig_mod.")  # DDP, torch.compile
+    while any(k.startswith(prefixes) for k in state):
+        state = {k.split(".", 1)[1] if k.startswith(prefixes) else k: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise KeyError(
+            f"optim.load_pretrained_weights: {path} has weights the model lacks: "
+            f"{', '.join(result.unexpected_keys[:10])}{' ...' if len(result.unexpected_keys) > 10 else ''}; "
+            "check that the model section matches the checkpoint's"
+        )
+    if distutils.is_master():
+        fresh = f"; initialised fresh (not in the checkpoint): {result.missing_keys}" if result.missing_keys else ""
+        logging.info(f"model weights from {path}{fresh}")
 
 
 class DatasetEpochSampler:
@@ -114,6 +145,12 @@ class ForcesTrainer(OCPTrainer):
         check_optim_keys(kwargs.get("optimizer") or {})
         super().__init__(*args, **kwargs)
         self.config["trainer"] = "fairchem_equiformers.ForcesTrainer"
+
+    def load_model(self) -> None:
+        super().load_model()
+        path = self.config["optim"].get("load_pretrained_weights")
+        if path:
+            load_pretrained_weights(self._unwrapped_model, path)
 
     def load_optimizer(self) -> None:
         optim = self.config["optim"]
