@@ -60,7 +60,7 @@ parameter count and the final test errors; then markdown tables: per model the p
 seconds per epoch, start-up, training time (wall and CPU per thread), calibration time and mean
 load; per test file and model the energy MAE/RMSE (meV and meV/atom), force MAE/RMSE (meV/A),
 stress MAE (meV/A^3, Si) and the energy and force MAE as multiples of MACE's (x2.00: twice MACE's
-error). The tables also go to ``benchmarks/results/real_data_<date>.md`` (with the command line,
+error). The tables also go to ``benchmarks/results/real_data_<datasets>_<date>.md`` (with the command line,
 the CPU, the versions) and ``.json`` (with the learning curves), the curves (test force MAE against
 training time) to ``docs/real_data_<dataset>.png``. Runs (LMDBs, configs, logs, checkpoints) go to
 ``runs/real_data/`` (``--work-dir``); ``--reuse`` skips the training of runs already finished there
@@ -969,7 +969,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "real_data")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--plots", type=Path, default=ROOT / "docs")
-    parser.add_argument("--name", help="results file stem (default real_data_<date>)")
+    parser.add_argument("--name", help="results file stem (default real_data_<datasets>_<date>)")
     parser.add_argument(
         "--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "default"], default="PASSIVE",
         help="OMP_WAIT_POLICY of every run (default leaves the environment's)",
@@ -1010,7 +1010,7 @@ def main() -> None:
     report = tables(results)
     print()
     print(report)
-    name = args.name or f"real_data_{started.date().isoformat()}"
+    name = args.name or f"real_data_{'_'.join(results)}_{started.date().isoformat()}"  # never another run's file
     args.results.mkdir(parents=True, exist_ok=True)
     header = [f"# Real DFT data: Equiformers against MACE ({started.date().isoformat()})", "",
               f"Command: `{command}`", "",
