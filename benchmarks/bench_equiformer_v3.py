@@ -38,10 +38,12 @@ BASE = dict(
 )  # fmt: skip
 PRESETS = {
     "tiny": dict(num_layers=2, lmax=2, num_channels=32, attn_hidden_channels=16, attn_alpha_channels=8,
-                 ffn_hidden_channels=64, edge_channels=32, max_neighbors=20, max_radius=6.0, num_radial_basis=32,
+                 ffn_hidden_channels=64, edge_channels=32, max_neighbors=20, max_radius=6.0,
+                 num_radial_basis=32,
                  attn_grid_resolution_list=[8, 7], ffn_grid_resolution_list=[8, 8]),
     "2M-base": dict(num_layers=8, lmax=6, attn_hidden_channels=64, max_neighbors=20, max_radius=12.0,
-                    num_radial_basis=128, attn_grid_resolution_list=[20, 8], ffn_grid_resolution_list=[20, 20]),
+                    num_radial_basis=128, attn_grid_resolution_list=[20, 8],
+                    ffn_grid_resolution_list=[20, 20]),
     "omat-L4": dict(num_layers=7, lmax=4, attn_hidden_channels=32, max_neighbors=300, max_radius=6.0,
                     num_radial_basis=64, attn_grid_resolution_list=[14, 8], ffn_grid_resolution_list=[14, 14],
                     regress_stress=True, use_pbc_single=True, avg_num_nodes=1),
@@ -56,7 +58,8 @@ def structures(model: str, count: int):
     for i in range(count):
         if model == "omat-L4":
             cells = [bulk("Cu", "fcc", a=3.6, cubic=True), bulk("NaCl", "rocksalt", a=5.64),
-                     bulk("Si", "diamond", a=5.43, cubic=True), bulk("Fe", "bcc", a=2.87, cubic=True)]  # fmt: skip
+                     bulk("Si", "diamond", a=5.43, cubic=True),
+                     bulk("Fe", "bcc", a=2.87, cubic=True)]  # fmt: skip
             atoms = cells[i % 4]
             atoms = atoms.repeat([max(1, round((64 / len(atoms)) ** (1 / 3)))] * 3)
         else:
@@ -79,7 +82,8 @@ def fixed_frame_vectors():
     def helper(t, *args, **kwargs):
         v = t.detach()
         return 0.5 * torch.stack(
-            [torch.sin(13.1 * v[:, 1] + 1.3), torch.cos(7.7 * v[:, 2] + 0.2), torch.sin(5.3 * v[:, 0] + 2.1)], 1
+            [torch.sin(13.1 * v[:, 1] + 1.3), torch.cos(7.7 * v[:, 2] + 0.2), torch.sin(5.3 * v[:, 0] + 2.1)],
+            1,
         )
 
     torch.rand_like = helper
@@ -91,10 +95,10 @@ def fixed_frame_vectors():
 
 def build(args, impl: str):
     """The official model (seeded weights), or the plugin's with the official state dict."""
+    import equiformer_v3  # noqa: F401  (registers "equiformer_v3")
     import torch
     from fairchem.core.common.registry import registry
 
-    import equiformer_v3  # noqa: F401  (registers "equiformer_v3")
     from fairchem_equiformers import EquiformerV3
 
     config = {**BASE, **PRESETS[args.model]}
@@ -159,13 +163,15 @@ def worker(args) -> dict:
 def parity(args) -> dict:
     """Largest relative difference of each output, the plugin against the official model."""
     import torch
+    from equiformer_v3.experimental.models.equiformer_v3 import edge_rot_mat
 
     from fairchem_equiformers.primitives import EdgeRotation
-    from equiformer_v3.experimental.models.equiformer_v3 import edge_rot_mat
 
     torch.set_num_threads(args.threads)
     official, ours = build(args, "official"), build(args, "ours")
-    ours._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(edge_rot_mat.init_edge_rot_mat(vec), ours.layout)
+    ours._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(
+        edge_rot_mat.init_edge_rot_mat(vec), ours.layout
+    )
     official.eval()
     ours.eval()
     with fixed_frame_vectors(), torch.no_grad():
@@ -175,18 +181,23 @@ def parity(args) -> dict:
 
 def run_worker(args, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
-           "--structures", str(args.structures), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
+           "--structures", str(args.structures), "--repeats", str(args.repeats),
+           "--threads", str(args.threads)]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=sorted(PRESETS), default="2M-base")
     parser.add_argument("--structures", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate the implementations, keep each one's best")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="alternate the implementations, keep each one's best"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -201,7 +212,8 @@ def main() -> None:
             runs[(impl, mode)].append(run_worker(args, impl, mode))
     best = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
     first = best[("ours", "inference")]
-    print(f"EquiformerV3 {args.model} ({first['num_params']:,} params), batch of {args.structures} structures "
+    print(f"EquiformerV3 {args.model} ({first['num_params']:,} params), "
+          f"batch of {args.structures} structures "
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
     print("outputs, plugin vs official (max |diff| / max |official|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))  # fmt: skip
@@ -209,12 +221,16 @@ def main() -> None:
     for mode in ("inference", "train"):
         for impl in ("official", "ours"):
             r = best[(impl, mode)]
-            print(f"{mode:<10} {impl:<9} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}")
+            print(
+                f"{mode:<10} {impl:<9} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
+            )
         base, cand = best[("official", mode)], best[("ours", mode)]
         print(f"{mode:<10} {'ratio':<9} speed-up x{base['seconds'] / cand['seconds']:.2f}, "
               f"memory x{cand['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}")  # fmt: skip
         if args.rounds > 1:
-            ups = [b["seconds"] / c["seconds"] for b, c in zip(runs[("official", mode)], runs[("ours", mode)])]
+            ups = [
+                b["seconds"] / c["seconds"] for b, c in zip(runs[("official", mode)], runs[("ours", mode)])
+            ]
             print(f"{mode:<10} {'per round':<9} speed-up " + ", ".join(f"x{v:.2f}" for v in ups))
 
 

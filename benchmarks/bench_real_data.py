@@ -31,11 +31,11 @@ something else competed for the CPU and the wall-clock budget bought less.
 
 Models (conservative forces for all):
 
-* ours (EquiformerV2, EquiformerV3, EquiformerV1, E2Former, DEQ-EquiformerV2): the stock ``fairchem`` CLI with the
-  plugin's ``fairchem_equiformers.ForcesTrainer``; small MD17-style models (``FAMILIES`` below), loss
-  energy MAE x1 + force L2-MAE x80 (+ stress MAE x100 for Si, for every family but the DEQ, whose
-  wrapper has no stress output), AdamW, cosine learning rate with a 5% warm-up, EMA of the weights (decay 0.99, less
-  for runs under 1,000 steps: fairchem's EMA has no warm-up), batch 8.
+* ours (EquiformerV2, EquiformerV3, EquiformerV1, E2Former, DEQ-EquiformerV2): the stock
+  ``fairchem`` CLI with the plugin's ``fairchem_equiformers.ForcesTrainer``; small MD17-style models
+  (``FAMILIES`` below), loss energy MAE x1 + force L2-MAE x80 (+ stress MAE x100 for Si, for every
+  family but the DEQ, whose wrapper has no stress output), AdamW, cosine learning rate with a 5%
+  warm-up, EMA of the weights (decay 0.99, less for runs under 1,000 steps: fairchem's EMA has no warm-up), batch 8.
 * MACE: ``mace-torch`` in its own virtualenv (``benchmarks/.venv-mace``, made on first use by
   ``mace_env.sh``: MACE pins e3nn 0.4.4, ours needs 0.6; the same torch 2.4.1), trained with its
   ``mace_run_train`` CLI and its README's settings for small sets: ScaleShiftMACE (which shifts and
@@ -140,7 +140,8 @@ FAMILIES = {
     "equiformer_v3": dict(
         label="EquiformerV3", name="fairchem_equiformers.EquiformerV3", stress=True, avg=True,
         gradient_key="direct_prediction",
-        model=dict(num_layers=4, num_channels=64, attn_hidden_channels=32, num_heads=4, attn_alpha_channels=16,
+        model=dict(num_layers=4, num_channels=64, attn_hidden_channels=32, num_heads=4,
+                   attn_alpha_channels=16,
                    attn_value_channels=16, ffn_hidden_channels=128, lmax=2, mmax=2,
                    attn_grid_resolution_list=[8, 7], ffn_grid_resolution_list=[8, 8], edge_channels=64,
                    num_radial_basis=64, attn_weights_drop=0.0, drop_path_rate=0.0),
@@ -426,7 +427,8 @@ def ours_config(family: str, data_dir: Path, periodic: bool, stress: bool, epoch
     stress = stress and spec["stress"]
     model = {
         "name": spec["name"], "use_pbc": periodic, "otf_graph": True, "regress_forces": True,
-        spec.get("gradient_key", "direct_forces"): False, "max_neighbors": MAX_NEIGHBORS, "max_radius": CUTOFF,
+        spec.get("gradient_key", "direct_forces"): False, "max_neighbors": MAX_NEIGHBORS,
+        "max_radius": CUTOFF,
         "max_num_elements": 90, **copy.deepcopy(spec["model"]),
     }  # fmt: skip
     if spec["avg"]:
@@ -1010,7 +1012,9 @@ def main() -> None:
     report = tables(results)
     print()
     print(report)
-    name = args.name or f"real_data_{'_'.join(results)}_{started.date().isoformat()}"  # never another run's file
+    name = (
+        args.name or f"real_data_{'_'.join(results)}_{started.date().isoformat()}"
+    )  # never another run's file
     args.results.mkdir(parents=True, exist_ok=True)
     header = [f"# Real DFT data: Equiformers against MACE ({started.date().isoformat()})", "",
               f"Command: `{command}`", "",

@@ -49,7 +49,8 @@ def test_learns_emt_slabs_better_than_the_mean_predictor(direct):
     mean_force = float(batch.forces.abs().mean())
     ratios = (energy_mae / mean_energy, force_mae / mean_force)
     print(f"\nMEASURED EquiformerV3 {'direct' if direct else 'gradient'}: energy MAE {energy_mae:.3f} eV, "
-          f"forces {force_mae:.3f} eV/A; mean predictor {mean_energy:.3f}, {mean_force:.3f}; ratios {ratios}")  # fmt: skip
+          f"forces {force_mae:.3f} eV/A; mean predictor {mean_energy:.3f}, {mean_force:.3f}; "
+          f"ratios {ratios}")  # fmt: skip
     assert ratios[0] < REQUIRED[direct][0] and ratios[1] < REQUIRED[direct][1]
 
 
@@ -67,7 +68,8 @@ def test_gradient_fine_tune_starts_from_a_direct_checkpoint(emt_database, tmp_pa
     direct = EquiformerV3(**model, regress_stress=True)
     path = tmp_path / "direct.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in direct.state_dict().items()}}, path)
-    config = cli_config(emt_database, {"name": "fairchem_equiformers.EquiformerV3", **model, "direct_prediction": False},
+    gradient = {"name": "fairchem_equiformers.EquiformerV3", **model, "direct_prediction": False}
+    config = cli_config(emt_database, gradient,
                         load_pretrained_weights=str(path))  # fmt: skip
     config["trainer"] = "fairchem_equiformers.ForcesTrainer"
     with caplog.at_level(logging.WARNING), make_trainer(tmp_path, config, "finetune") as trainer:

@@ -50,7 +50,13 @@ BASE = dict(
     ffn_grid_resolution_list=[8, 8], edge_channels=8, num_radial_basis=16, max_radius=5.0, max_neighbors=30,
     attn_weights_drop=0.0, drop_path_rate=0.0,
 )  # fmt: skip
-NORMS = ["equivariant_layer_norm", "sep_layer_norm", "merge_layer_norm", "merge_layer_norm_attn_rms_norm", "merge_rms_norm"]
+NORMS = [
+    "equivariant_layer_norm",
+    "sep_layer_norm",
+    "merge_layer_norm",
+    "merge_layer_norm_attn_rms_norm",
+    "merge_rms_norm",
+]
 ACTIVATIONS = [
     "gate", "s2", "sep_s2", "s2_swiglu", "sep_s2_swiglu", "sep-merge_s2_swiglu", "sep-merge_s2_swiglu_mem",
     "sep_s2_square", "sep-merge_gates2_swiglu", "sep-merge_gates2_swiglu_mem",
@@ -71,12 +77,25 @@ CONFIGS = {
     "no-atom-edge-embedding,no-renorm,softcap": dict(
         BASE, use_atom_edge_embedding=False, use_attn_renorm=False, softcap=5.0, attn_eps=1e-8
     ),
-    "L4-M3-1-layer": dict(BASE, lmax=4, mmax=3, num_layers=1, attn_grid_resolution_list=[10, 9],
-                          ffn_grid_resolution_list=[10, 10]),  # fmt: skip
-    "L6-M2-1-layer": dict(BASE, lmax=6, mmax=2, num_layers=1, attn_grid_resolution_list=[14, 8],
-                          ffn_grid_resolution_list=[14, 14]),  # fmt: skip
-    "L3-M3-4-layers": dict(BASE, lmax=3, mmax=3, num_layers=4, attn_grid_resolution_list=[8, 8],
-                           ffn_grid_resolution_list=[8, 8]),  # fmt: skip
+    "L4-M3-1-layer": dict(
+        BASE,
+        lmax=4,
+        mmax=3,
+        num_layers=1,
+        attn_grid_resolution_list=[10, 9],
+        ffn_grid_resolution_list=[10, 10],
+    ),  # fmt: skip
+    "L6-M2-1-layer": dict(
+        BASE,
+        lmax=6,
+        mmax=2,
+        num_layers=1,
+        attn_grid_resolution_list=[14, 8],
+        ffn_grid_resolution_list=[14, 14],
+    ),  # fmt: skip
+    "L3-M3-4-layers": dict(
+        BASE, lmax=3, mmax=3, num_layers=4, attn_grid_resolution_list=[8, 8], ffn_grid_resolution_list=[8, 8]
+    ),  # fmt: skip
 }
 GRADIENT_CONFIGS = ["attn=gate,norm=equivariant_layer_norm", "attn=s2,norm=sep_layer_norm",
                     "attn=sep_s2,norm=merge_layer_norm", "no-atom-edge-embedding,no-renorm,softcap",
@@ -92,7 +111,8 @@ def fixed_frame_vectors():
     def helper(t, *args, **kwargs):
         v = t.detach()
         return 0.5 * torch.stack(
-            [torch.sin(13.1 * v[:, 1] + 1.3), torch.cos(7.7 * v[:, 2] + 0.2), torch.sin(5.3 * v[:, 0] + 2.1)], 1
+            [torch.sin(13.1 * v[:, 1] + 1.3), torch.cos(7.7 * v[:, 2] + 0.2), torch.sin(5.3 * v[:, 0] + 2.1)],
+            1,
         )
 
     torch.rand_like = helper
@@ -193,7 +213,9 @@ def test_official_state_dict_loads_strictly_with_prefixes_and_names_bad_keys():
     with pytest.raises(RuntimeError, match="blocks.1.ga.alpha_dot"):
         EquiformerV3(**dict(BASE, regress_stress=True)).load_state_dict(missing)
     with pytest.raises(ValueError, match="S2 grid"):
-        EquiformerV3(**dict(BASE, regress_stress=True, attn_grid_resolution_list=[10, 5])).load_state_dict(state)
+        EquiformerV3(**dict(BASE, regress_stress=True, attn_grid_resolution_list=[10, 5])).load_state_dict(
+            state
+        )
 
 
 def test_direct_checkpoint_starts_a_gradient_model(caplog):

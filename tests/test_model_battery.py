@@ -8,7 +8,14 @@ import inspect
 import pytest
 from fairchem.core.common.registry import registry
 
-from fairchem_equiformers import DEQEquiformerV1, DEQEquiformerV2, E2Former, EquiformerV1, EquiformerV2, EquiformerV3
+from fairchem_equiformers import (
+    DEQEquiformerV1,
+    DEQEquiformerV2,
+    E2Former,
+    EquiformerV1,
+    EquiformerV2,
+    EquiformerV3,
+)
 from fairchem_equiformers.deq import DEQ, DEQBackbone
 
 from .conftest import TINY_V2, TINY_V3
@@ -43,6 +50,7 @@ V1_FORCE_HEAD = {
 # checks measured exactly 0 (one thread) are pinned at float64 round-off: with two threads the
 # matmuls block differently, measured up to 1.6e-15 (no-grad edge chunks against the grad path)
 ROUND_OFF = 2e-14
+
 
 def backbone(names: dict[str, str]) -> dict[str, str]:
     """The names of a model's parameters inside a DEQ (under ``backbone.``)."""
@@ -459,6 +467,8 @@ class TestDEQOverE2Former(ModelBattery):
 
 # gate activations everywhere (no S2 grid): exactly equivariant
 V3_GATE = {**TINY_V3, "attn_activation": "gate", "ffn_activation": "gate", "use_grid_mlp": False, "lmax": 3}
+
+
 class TestEquiformerV3Direct(ModelBattery):
     config = BatteryConfig(
         EquiformerV3,
@@ -476,11 +486,16 @@ class TestEquiformerV3Direct(ModelBattery):
             edge_chunks_energy=ROUND_OFF,
             edge_chunks_forces=ROUND_OFF,
         ),
-        direct_forces=True, edge_chunks=NO_EDGE_CHUNKS,
+        direct_forces=True,
+        edge_chunks=NO_EDGE_CHUNKS,
         no_gradient={
-            "force_block.proj.bias": "adds to the force head's scalar output only; the forces are its degree 1",
+            "force_block.proj.bias": "adds to the force head's scalar output only; the forces are its "
+            "degree 1",
             **dict.fromkeys(
-                ["force_block.so2_linear_1.so2_m_linear.1.fc.weight", "force_block.so2_linear_2.so2_m_linear.1.fc.weight"],
+                [
+                    "force_block.so2_linear_1.so2_m_linear.1.fc.weight",
+                    "force_block.so2_linear_2.so2_m_linear.1.fc.weight",
+                ],
                 "gate activations do not mix orders m: the force head's m = 2 maps only feed m = 2 values, "
                 "which its degree-1 output never reads (as EquiformerV2's gate force head)",
             ),
@@ -509,7 +524,10 @@ class TestEquiformerV3Gradient(ModelBattery):
             edge_chunks_forces=ROUND_OFF,
         ),
         direct_forces=False,
-        fd_step=1e-6, edge_chunks=NO_EDGE_CHUNKS, force_loss_constant=CONSTANT_V3, perturbation=0.3,
+        fd_step=1e-6,
+        edge_chunks=NO_EDGE_CHUNKS,
+        force_loss_constant=CONSTANT_V3,
+        perturbation=0.3,
     )
 
 
@@ -538,8 +556,14 @@ class TestEquiformerV3Stress(ModelBattery):
             edge_chunks_forces=ROUND_OFF,
             edge_chunks_stress=ROUND_OFF,
         ),
-        direct_forces=False, molecule_kwargs={"use_pbc": True}, fd_step=1e-6, stress=True, min_stress=1e-4,  # measured 4.4e-4
-        edge_chunks=NO_EDGE_CHUNKS, force_loss_constant=CONSTANT_V3, perturbation=0.3,
+        direct_forces=False,
+        molecule_kwargs={"use_pbc": True},
+        fd_step=1e-6,
+        stress=True,
+        min_stress=1e-4,  # measured 4.4e-4
+        edge_chunks=NO_EDGE_CHUNKS,
+        force_loss_constant=CONSTANT_V3,
+        perturbation=0.3,
     )
 
 

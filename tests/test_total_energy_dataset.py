@@ -19,7 +19,9 @@ REFS = {"random7": -300.5, "random9": -12.25}
 
 def s2ef_record(sid: int, y: float, **extra) -> Data:
     return Data(
-        pos=torch.rand(3, 3), cell=torch.eye(3).unsqueeze(0) * 5, atomic_numbers=torch.tensor([1.0, 8.0, 1.0]),
+        pos=torch.rand(3, 3),
+        cell=torch.eye(3).unsqueeze(0) * 5,
+        atomic_numbers=torch.tensor([1.0, 8.0, 1.0]),
         natoms=3, fixed=torch.zeros(3), tags=torch.ones(3), force=torch.rand(3, 3), y=y, sid=sid, fid=0,
         **extra,
     )  # fmt: skip
@@ -64,7 +66,11 @@ def test_missing_reference_and_y_mapping_fail(tiny_lmdb, tmp_path):
     folder, _ = tiny_lmdb
     refs = tmp_path / "other_ref.pkl"
     refs.write_bytes(pickle.dumps({"random9": 0.0}))
-    config = {"format": "fairchem_equiformers.OC20TotalEnergyLmdbDataset", "src": str(folder), "oc20_ref": str(refs)}
+    config = {
+        "format": "fairchem_equiformers.OC20TotalEnergyLmdbDataset",
+        "src": str(folder),
+        "oc20_ref": str(refs),
+    }
     with pytest.raises(KeyError, match="random7"):
         registry.get_dataset_class(config["format"])(config)[0]
     with pytest.raises(ValueError, match="key_mapping"):

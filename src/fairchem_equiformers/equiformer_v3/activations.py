@@ -56,7 +56,7 @@ def check_activation(name: str, key: str) -> None:
 
 def has_scalars(name: str) -> bool:
     """Whether the activation takes invariant inputs besides the features."""
-    return not name.removesuffix("_mem") in ("s2", "s2_swiglu")
+    return name.removesuffix("_mem") not in ("s2", "s2_swiglu")
 
 
 def halves_channels(name: str) -> bool:
@@ -90,7 +90,9 @@ class GateV3(nn.Module):
         self.register_buffer("gate_index", torch.tensor([l - 1 for l in degrees]), persistent=False)
 
     def forward(self, x: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        gates = _dropout(self, torch.sigmoid(scalars.reshape(x.shape[0], self.lmax, x.shape[2])))  # [B, lmax, C]
+        gates = _dropout(
+            self, torch.sigmoid(scalars.reshape(x.shape[0], self.lmax, x.shape[2]))
+        )  # [B, lmax, C]
         scalar, rest = x.split([1, x.shape[1] - 1], dim=1)
         scalar = _dropout(self, nn.functional.silu(scalar))
         return torch.cat([scalar, rest * gates.index_select(1, self.gate_index)], dim=1)
@@ -153,7 +155,9 @@ class GatedGridProduct(nn.Module):
         return self._forward(x, scalars)
 
 
-def make_activation(name: str, grid: S2Grid, degrees: list[int], lmax: int, dropout: float = 0.0) -> nn.Module:
+def make_activation(
+    name: str, grid: S2Grid, degrees: list[int], lmax: int, dropout: float = 0.0
+) -> nn.Module:
     """The activation ``name`` on ``grid``'s layout (``degrees``: of its coefficients after the first)."""
     if name == "gate":
         return GateV3(degrees, lmax, dropout)

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fairchem_equiformers.primitives import EdgeRotation, RadialMLP, S2Grid, SmoothLeakyReLU, SO3Linear, SphericalLayout
+from fairchem_equiformers.primitives import (
+    EdgeRotation,
+    RadialMLP,
+    S2Grid,
+    SmoothLeakyReLU,
+    SO3Linear,
+    SphericalLayout,
+)
 
 from .activations import check_activation, halves_channels, has_scalars, make_activation
 from .so2 import SO2Linear
@@ -107,8 +114,10 @@ class EquivariantGraphAttention(nn.Module):
         super().__init__()
         check_activation(activation, "activation")
         if use_add_merge and not use_rad_l_parametrization:
-            raise ValueError("use_add_merge=True needs use_rad_l_parametrization=True (as in the official model)")
-        lmax, mmax = layout.lmax, layout.mmax
+            raise ValueError(
+                "use_add_merge=True needs use_rad_l_parametrization=True (as in the official model)"
+            )
+        lmax = layout.lmax
         self.layout, self.in_channels, self.num_heads = layout, in_channels, num_heads
         self.alpha_channels, self.value_channels = alpha_channels, value_channels
         self.activation, self.use_add_merge = activation, use_add_merge
@@ -127,7 +136,9 @@ class EquivariantGraphAttention(nn.Module):
         else:
             self.radial_rows = sum(layout.order_sizes)  # one weight per (order, degree), shared by +-m
         radial_in = radial_input_channels(num_radial_basis, edge_channels, use_atom_edge_embedding)
-        self.rad_func = RadialMLP([radial_in, edge_channels, edge_channels, self.radial_rows * 2 * in_channels])
+        self.rad_func = RadialMLP(
+            [radial_in, edge_channels, edge_channels, self.radial_rows * 2 * in_channels]
+        )
 
         hidden = 2 * hidden_channels if halves_channels(activation) else hidden_channels
         extra = num_heads * alpha_channels
@@ -150,7 +161,9 @@ class EquivariantGraphAttention(nn.Module):
         self.alpha_dropout = nn.Dropout(alpha_drop) if alpha_drop != 0.0 else nn.Identity()
         bound = 1.0 / math.sqrt(alpha_channels)
         self.alpha_dot = nn.Parameter(torch.empty(num_heads, alpha_channels).uniform_(-bound, bound))
-        self.attn_weights_dropout = nn.Dropout(attn_weights_drop) if attn_weights_drop != 0.0 else nn.Identity()
+        self.attn_weights_dropout = (
+            nn.Dropout(attn_weights_drop) if attn_weights_drop != 0.0 else nn.Identity()
+        )
 
         degrees = [l for l, _ in layout.edge_lm][1:]
         self.act = make_activation(activation, grid, degrees, lmax, value_drop)
@@ -178,10 +191,13 @@ class EquivariantGraphAttention(nn.Module):
         edge_input = edges.edge_scalars
         if self.source_embedding is not None:
             edge_input = torch.cat(
-                [edge_input, self.source_embedding(edges.source_z), self.target_embedding(edges.target_z)], dim=1
+                [edge_input, self.source_embedding(edges.source_z), self.target_embedding(edges.target_z)],
+                dim=1,
             )
         weights = self.rad_func(edge_input).view(-1, self.radial_rows, 2 * self.in_channels)  # [E, rows, 2C]
-        groups = edges.rotation.gather_to_edge(x, edges.edge_index)  # per order [E, rows, 2C]: source | target
+        groups = edges.rotation.gather_to_edge(
+            x, edges.edge_index
+        )  # per order [E, rows, 2C]: source | target
         weighted = []
         for group, w in zip(groups, self._order_weights(weights)):
             if self.use_add_merge:
@@ -190,7 +206,9 @@ class EquivariantGraphAttention(nn.Module):
             else:
                 weighted.append(group * w)  # [E, rows, 2C]
         message, invariants = self.so2_linear_1(weighted)  # [E, K_e, hidden], [E, extra + S]
-        logits, scalars = invariants.split([self.num_heads * self.alpha_channels, self.scalar_channels], dim=1)
+        logits, scalars = invariants.split(
+            [self.num_heads * self.alpha_channels, self.scalar_channels], dim=1
+        )
         message = self.act(message, scalars) if self.scalar_channels else self.act(message)
         message = self.so2_linear_2(message)  # [E, K_e, H * V]
 
@@ -207,6 +225,10 @@ class EquivariantGraphAttention(nn.Module):
         num_edges = message.shape[0]
         rows = message.shape[1]
         message = message.view(num_edges, rows, self.num_heads, self.value_channels) * alpha[:, None, :, None]
-        message = edges.rotation.from_edge(message.view(num_edges, rows, self.num_heads * self.value_channels))  # [E, K, H * V]
-        summed = message.new_zeros(edges.num_nodes, *message.shape[1:]).index_add_(0, edges.edge_index[1], message)
+        message = edges.rotation.from_edge(
+            message.view(num_edges, rows, self.num_heads * self.value_channels)
+        )  # [E, K, H * V]
+        summed = message.new_zeros(edges.num_nodes, *message.shape[1:]).index_add_(
+            0, edges.edge_index[1], message
+        )
         return self.proj(summed)

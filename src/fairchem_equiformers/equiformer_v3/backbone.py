@@ -153,18 +153,25 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             max_neighbors=max_neighbors, max_radius=max_radius, max_num_elements=max_num_elements,
         )  # fmt: skip
         if norm_type not in NORM_TYPES:
-            raise ValueError(f"norm_type={norm_type!r} is not an EquiformerV3 norm; allowed: {list(NORM_TYPES)}")
+            raise ValueError(
+                f"norm_type={norm_type!r} is not an EquiformerV3 norm; allowed: {list(NORM_TYPES)}"
+            )
         check_activation(attn_activation, "attn_activation")
         check_activation(ffn_activation, "ffn_activation")
         if not 0 <= mmax <= lmax or lmax < 1:
             raise ValueError(f"need 1 <= lmax and 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
         if regress_stress and direct_prediction and lmax < 2:
-            raise ValueError("the direct stress head reads degree 2: regress_stress with direct_prediction needs lmax >= 2")
+            raise ValueError(
+                "the direct stress head reads degree 2: regress_stress with direct_prediction needs lmax >= 2"
+            )
         if not direct_prediction:
             check_gradient_outputs(regress_forces, False, regress_stress, use_pbc)
         if gradient_checkpointing_block_list is None:
             gradient_checkpointing_block_list = [0] * num_layers
-        if len(gradient_checkpointing_block_list) != num_layers or set(gradient_checkpointing_block_list) - {0, 1}:
+        if len(gradient_checkpointing_block_list) != num_layers or set(gradient_checkpointing_block_list) - {
+            0,
+            1,
+        }:
             raise ValueError(
                 f"gradient_checkpointing_block_list={gradient_checkpointing_block_list!r}: one 0 or 1 per "
                 f"layer ({num_layers} layers)"
@@ -188,15 +195,26 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.sphere_embedding = nn.Embedding(max_num_elements, num_channels)
         self.distance_expansion = GaussianBasis(0.0, max_radius, num_radial_basis, 2.0)
         self.envelope = PolynomialEnvelope(5) if use_envelope else None
-        self.attn_grid = S2Grid(self.layout, _resolution("attn_grid_resolution_list", attn_grid_resolution_list), True)
+        self.attn_grid = S2Grid(
+            self.layout, _resolution("attn_grid_resolution_list", attn_grid_resolution_list), True
+        )
         self.ffn_grid = S2Grid(
-            SphericalLayout(lmax, lmax), _resolution("ffn_grid_resolution_list", ffn_grid_resolution_list), False
+            SphericalLayout(lmax, lmax),
+            _resolution("ffn_grid_resolution_list", ffn_grid_resolution_list),
+            False,
         )
         self.edge_degree_embedding = EdgeDegreeEmbedding(
-            lmax, num_channels, max_num_elements, num_radial_basis, edge_channels, use_atom_edge_embedding, avg_degree
+            lmax,
+            num_channels,
+            max_num_elements,
+            num_radial_basis,
+            edge_channels,
+            use_atom_edge_embedding,
+            avg_degree,
         )
         self._attention_args = dict(
-            layout=self.layout, grid=self.attn_grid, in_channels=num_channels, hidden_channels=attn_hidden_channels,
+            layout=self.layout, grid=self.attn_grid, in_channels=num_channels,
+            hidden_channels=attn_hidden_channels,
             num_heads=num_heads, alpha_channels=attn_alpha_channels, value_channels=attn_value_channels,
             max_num_elements=max_num_elements, num_radial_basis=num_radial_basis, edge_channels=edge_channels,
             use_atom_edge_embedding=use_atom_edge_embedding, use_attn_renorm=use_attn_renorm,
@@ -207,15 +225,29 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.blocks = nn.ModuleList(
             TransformerBlockV3(
                 EquivariantGraphAttention(
-                    **self._attention_args, out_channels=num_channels, activation=attn_activation,
-                    alpha_drop=alpha_drop, attn_mask_rate=attn_mask_rate, attn_weights_drop=attn_weights_drop,
+                    **self._attention_args,
+                    out_channels=num_channels,
+                    activation=attn_activation,
+                    alpha_drop=alpha_drop,
+                    attn_mask_rate=attn_mask_rate,
+                    attn_weights_drop=attn_weights_drop,
                     value_drop=value_drop,
                 ),
                 FeedForwardV3(
-                    lmax, self.ffn_grid, num_channels, ffn_hidden_channels, num_channels, ffn_activation,
-                    use_grid_mlp, ffn_drop,
+                    lmax,
+                    self.ffn_grid,
+                    num_channels,
+                    ffn_hidden_channels,
+                    num_channels,
+                    ffn_activation,
+                    use_grid_mlp,
+                    ffn_drop,
                 ),
-                norm_type, lmax, num_channels, drop_path_rate, proj_drop,
+                norm_type,
+                lmax,
+                num_channels,
+                drop_path_rate,
+                proj_drop,
             )  # fmt: skip
             for _ in range(num_layers)
         )
@@ -230,7 +262,8 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         initialisation pass."""
 
     DROPOUT_KEYS = (
-        "alpha_drop", "attn_mask_rate", "attn_weights_drop", "value_drop", "drop_path_rate", "proj_drop", "ffn_drop",
+        "alpha_drop", "attn_mask_rate", "attn_weights_drop", "value_drop", "drop_path_rate", "proj_drop",
+        "ffn_drop",
     )  # fmt: skip
 
     def interaction_norm(self) -> nn.Module:
@@ -254,12 +287,20 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
 
     def attention(self, out_channels: int, activation: str) -> EquivariantGraphAttention:
         """A new graph attention of this backbone's sizes without dropout (the force head's)."""
-        return EquivariantGraphAttention(**self._attention_args, out_channels=out_channels, activation=activation)
+        return EquivariantGraphAttention(
+            **self._attention_args, out_channels=out_channels, activation=activation
+        )
 
     def feed_forward(self, out_channels: int, activation: str) -> FeedForwardV3:
         """A new feed-forward network of this backbone's sizes without grid MLP (the stress head's)."""
         return FeedForwardV3(
-            self.layout.lmax, self.ffn_grid, self.num_channels, self.ffn_hidden_channels, out_channels, activation, False
+            self.layout.lmax,
+            self.ffn_grid,
+            self.num_channels,
+            self.ffn_hidden_channels,
+            out_channels,
+            activation,
+            False,
         )
 
     def embed(self, data) -> tuple[torch.Tensor, EquiformerV3State]:
@@ -310,7 +351,12 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         return x
 
     def readout(self, x: torch.Tensor, state: EquiformerV3State, data) -> dict:
-        return {"node_embedding": self.norm(x), "graph": state.edges, "pos": state.pos, "strain": state.strain}
+        return {
+            "node_embedding": self.norm(x),
+            "graph": state.edges,
+            "pos": state.pos,
+            "strain": state.strain,
+        }
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict:

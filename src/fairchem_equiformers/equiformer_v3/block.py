@@ -57,13 +57,16 @@ class EdgeDegreeEmbedding(nn.Module):
         edge_input = edges.edge_scalars
         if self.source_embedding is not None:
             edge_input = torch.cat(
-                [edge_input, self.source_embedding(edges.source_z), self.target_embedding(edges.target_z)], dim=1
+                [edge_input, self.source_embedding(edges.source_z), self.target_embedding(edges.target_z)],
+                dim=1,
             )
         m0 = self.rad_func(edge_input)  # [E, (lmax+1) * C]
         if edges.envelope is not None:
             m0 = m0 * edges.envelope
         per_edge = edges.rotation.from_edge_m0(m0.view(-1, self.lmax + 1, self.channels))  # [E, K, C]
-        out = per_edge.new_zeros(edges.num_nodes, *per_edge.shape[1:]).index_add_(0, edges.edge_index[1], per_edge)
+        out = per_edge.new_zeros(edges.num_nodes, *per_edge.shape[1:]).index_add_(
+            0, edges.edge_index[1], per_edge
+        )
         return out / self.avg_degree
 
 

@@ -59,7 +59,9 @@ def _check_constant(model: nn.Module, name: str, value: torch.Tensor) -> None:
                 f"the model num_radial_basis={ours.num_basis}"
             )
         if abs(float(value[-1]) - model.max_radius) > 1e-4:
-            raise ValueError(f"checkpoint was trained with max_radius={float(value[-1])}, model has {model.max_radius}")
+            raise ValueError(
+                f"checkpoint was trained with max_radius={float(value[-1])}, model has {model.max_radius}"
+            )
         return
     if leaf == "to_grid_mat":
         try:
@@ -86,7 +88,9 @@ def register_official_layout(model: nn.Module) -> None:
             value = state_dict.pop(key)
             name = canonical_key(key[len(prefix) :])
             if name in own:
-                if value.dim() == 3 and own[name].dim() == 1 and name.endswith(".bias"):  # SO3Linear [1, 1, C]
+                if (
+                    value.dim() == 3 and own[name].dim() == 1 and name.endswith(".bias")
+                ):  # SO3Linear [1, 1, C]
                     value = value.reshape(-1)
                 state_dict[prefix + name] = value
             elif name.rsplit(".", 1)[-1] in DERIVED_BUFFERS:

@@ -95,7 +95,9 @@ class FeedForwardV3(nn.Module):
         else:
             allowed = ("gate", "s2", "sep_s2", "sep-merge_gates2_swiglu")
             if activation not in allowed:
-                raise ValueError(f"use_grid_mlp=False takes ffn_activation in {list(allowed)}, got {activation!r}")
+                raise ValueError(
+                    f"use_grid_mlp=False takes ffn_activation in {list(allowed)}, got {activation!r}"
+                )
             if activation == "gate":
                 self.gating_linear = nn.Linear(in_channels, lmax * hidden_channels)
             elif activation == "sep_s2":

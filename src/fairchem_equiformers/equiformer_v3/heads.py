@@ -6,8 +6,6 @@ keeps the attribute layout of the official ``energy_block`` / ``force_block`` / 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface

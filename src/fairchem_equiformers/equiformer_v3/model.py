@@ -39,7 +39,9 @@ class EquiformerV3(EquiformerV3Backbone):
         self.energy_block = EquiformerV3EnergyHead(self)
         direct = self.direct_prediction and self.regress_forces
         self.force_block = EquiformerV3ForceHead(self) if direct else None
-        self.stress_block = EquiformerV3StressHead(self) if self.direct_prediction and self.regress_stress else None
+        self.stress_block = (
+            EquiformerV3StressHead(self) if self.direct_prediction and self.regress_stress else None
+        )
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:

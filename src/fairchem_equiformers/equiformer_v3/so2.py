@@ -23,7 +23,9 @@ class SO2Linear(nn.Module):
     m > 0 -> ``[E, K_e, C_out]``, and ``[E, extra_m0_channels]`` invariants when asked for
     (attention logits and gates, computed by the m = 0 map)."""
 
-    def __init__(self, layout: SphericalLayout, in_channels: int, out_channels: int, extra_m0_channels: int = 0):
+    def __init__(
+        self, layout: SphericalLayout, in_channels: int, out_channels: int, extra_m0_channels: int = 0
+    ):
         super().__init__()
         self.layout, self.in_channels, self.out_channels = layout, in_channels, out_channels
         self.extra_m0_channels = extra_m0_channels

@@ -109,7 +109,11 @@ def load_pretrained_weights(model: torch.nn.Module, path: str) -> None:
             "check that the model section matches the checkpoint's"
         )
     if distutils.is_master():
-        fresh = f"; initialised fresh (not in the checkpoint): {result.missing_keys}" if result.missing_keys else ""
+        fresh = (
+            f"; initialised fresh (not in the checkpoint): {result.missing_keys}"
+            if result.missing_keys
+            else ""
+        )
         logging.info(f"model weights from {path}{fresh}")
 
 
