@@ -35,7 +35,8 @@ Models (conservative forces for all):
   ``fairchem`` CLI with the plugin's ``fairchem_equiformers.ForcesTrainer``; small MD17-style models
   (``FAMILIES`` below), loss energy MAE x1 + force L2-MAE x80 (+ stress MAE x100 for Si, for every
   family but the DEQ, whose wrapper has no stress output), AdamW, cosine learning rate with a 5%
-  warm-up, EMA of the weights (decay 0.99, less for runs under 1,000 steps: fairchem's EMA has no warm-up), batch 8.
+  warm-up, EMA of the weights (decay 0.99, less for runs under 1,000 steps: fairchem's EMA has no
+  warm-up), batch 8.
 * MACE: ``mace-torch`` in its own virtualenv (``benchmarks/.venv-mace``, made on first use by
   ``mace_env.sh``: MACE pins e3nn 0.4.4, ours needs 0.6; the same torch 2.4.1), trained with its
   ``mace_run_train`` CLI and its README's settings for small sets: ScaleShiftMACE (which shifts and
