@@ -8,7 +8,7 @@ then prints the ratios, for the model sections of two released configs:
 * ``2M-base``: OC20 S2EF-2M base (8 layers, L6/M2, 128 channels; 12 A, 20 neighbours), on
   batches of ~82-atom OC20-like slabs with a CO adsorbate;
 * ``omat-L4``: the OMat24 L4 direct model (7 layers, L4/M2; 6 A, up to 300 neighbours; direct
-  stress), on rattled 64-atom bulk cells (Cu, NaCl, Si, Fe, alternating).
+  stress), on rattled bulk cells of 54-128 atoms (Cu 108, NaCl 64, Si 64, Fe 54, in turn).
 
 Dropouts are off so that both compute the same function; before timing, the outputs of the two
 on the benchmark batch are compared (both given the same edge frames: the official code draws
