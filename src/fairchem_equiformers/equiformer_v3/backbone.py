@@ -317,7 +317,7 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             edge_scalars=self.distance_expansion(distance),  # [E, num_radial_basis]
             source_z=atomic_numbers[edge_index[0]],
             target_z=atomic_numbers[edge_index[1]],
-            rotation=self._edge_rotation(edge_vec),
+            rotation=self._edge_rotation(edge_vec),  # geometry in the input's precision, also under autocast
             envelope=None if self.envelope is None else self.envelope(distance / self.max_radius)[:, None],
             num_nodes=len(atomic_numbers),
         )
@@ -337,7 +337,8 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
 
     def _edge_rotation(self, edge_vec: torch.Tensor) -> EdgeRotation:
         """Per-edge frames: deterministic, from the edge vectors ``[E, 3]``."""
-        return EdgeRotation.from_edge_vectors(edge_vec, self.layout)
+        with torch.autocast(edge_vec.device.type, enabled=False):
+            return EdgeRotation.from_edge_vectors(edge_vec, self.layout)
 
     def interact(self, x: torch.Tensor, state: EquiformerV3State, data) -> torch.Tensor:
         """The transformer blocks, ``[N, K, C] -> [N, K, C]`` (blocks marked in

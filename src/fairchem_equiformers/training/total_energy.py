@@ -27,13 +27,17 @@ from fairchem.core.datasets import LmdbDataset
 class OC20TotalEnergyLmdbDataset(LmdbDataset):
     """fairchem's ``lmdb`` dataset with ``energy`` = total DFT energy (see the module docstring)."""
 
-    def __init__(self, config: dict) -> None:
+    def __new__(cls, config: dict, *args, **kwargs):
+        # checked before the object exists: fairchem's __del__ would trip on a half-built dataset
         if "y" in (config.get("key_mapping") or {}):
             raise ValueError(
                 "OC20TotalEnergyLmdbDataset makes `energy` from `y` itself; remove `y` from key_mapping"
             )
         if not config.get("oc20_ref"):
             raise ValueError("OC20TotalEnergyLmdbDataset needs `oc20_ref`: the path of oc20_ref.pkl")
+        return super().__new__(cls)
+
+    def __init__(self, config: dict) -> None:
         super().__init__(config)
         with open(config["oc20_ref"], "rb") as handle:
             self.oc20_ref = pickle.load(handle)
