@@ -125,3 +125,38 @@ def test_fine_tune_a_trained_model_with_a_new_head_and_a_frozen_backbone(emt_dat
     assert not torch.equal(start["output_heads.forces.proj.weight"], end["output_heads.forces.proj.weight"])
     print(f"fresh force head: val force MAE {before:.3f} -> {after:.3f} eV/A")
     assert after < 0.7 * before
+
+
+def test_equiformer_v3_in_hydra_with_its_direct_heads_and_with_the_gradient_head(slab_structures):
+    """EquiformerV3's backbone and heads compose in hydra exactly as the composite model: direct
+    energy, forces and stress heads, and the shared gradient head (forces and stress)."""
+    from fairchem_equiformers import EquiformerV3
+
+    from .conftest import TINY_V3
+
+    batch = to_batch(slab_structures, torch.float64)
+    direct_heads = {
+        "energy": {"module": "fairchem_equiformers.EquiformerV3EnergyHead"},
+        "forces": {"module": "fairchem_equiformers.EquiformerV3ForceHead"},
+        "stress": {"module": "fairchem_equiformers.EquiformerV3StressHead"},
+    }
+    for config, heads, places in [
+        (
+            {**TINY_V3, "num_layers": 1, "regress_stress": True},
+            direct_heads,
+            {"energy_block": "output_heads.energy", "force_block": "output_heads.forces",
+             "stress_block": "output_heads.stress"},
+        ),
+        (
+            {**TINY_V3, "num_layers": 1, "regress_stress": True, "direct_prediction": False},
+            GRADIENT_HEADS,
+            {"energy_block": "output_heads.energy_forces_stress.energy"},
+        ),
+    ]:  # fmt: skip
+        torch.manual_seed(0)
+        composite = EquiformerV3(**config).double().eval()
+        model = hydra({"model": "fairchem_equiformers.EquiformerV3Backbone", **config}, heads).double().eval()
+        model.load_state_dict(hydra_state(composite.state_dict(), places), strict=True)
+        out = model(batch.clone())
+        assert set(out) == {"energy", "forces", "stress"}
+        same_outputs(out, composite(batch.clone()))
