@@ -77,14 +77,16 @@ class GradientHead(nn.Module, HeadInterface):
     with ``pass_through_head_outputs: true``. ``energy_head`` names the energy head to
     differentiate (a registered head and its keys, ``{module: ..., ...}``); by default the
     backbone family's own (``backbone.energy_head_class``). The backbone needs
-    ``direct_forces: false`` (so it returns positions that require grad)."""
+    ``direct_forces: false`` (EquiformerV3: ``direct_prediction: false``), so that it returns
+    positions that require grad."""
 
     def __init__(self, backbone: nn.Module, energy_head: dict | None = None) -> None:
         super().__init__()
         if getattr(backbone, "direct_forces", True) or not backbone.regress_forces:
             raise ValueError(
                 "GradientHead needs a backbone built with regress_forces: true and direct_forces: false "
-                "(it differentiates the energy with respect to the positions the backbone returns)"
+                "(EquiformerV3: direct_prediction: false): it differentiates the energy with respect to "
+                "the positions the backbone returns"
             )
         if energy_head is None:
             self.energy = backbone.energy_head_class(backbone)
