@@ -18,10 +18,10 @@ def _degree_weights(lmax: int, first: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float64) / (lmax + 1 - first)
 
 
-def _expand_degrees(per_degree: torch.Tensor, lmax: int, first: int) -> torch.Tensor:
-    """``[lmax+1-first, C]`` -> ``[K', C]`` repeating each degree's row 2l+1 times."""
-    repeats = torch.tensor([2 * l + 1 for l in range(first, lmax + 1)], device=per_degree.device)
-    return per_degree.repeat_interleave(repeats, dim=0)
+def _degree_index(lmax: int, first: int) -> torch.Tensor:
+    """Row of a ``[lmax+1-first, C]`` per-degree table for each coefficient of degrees
+    ``first..lmax`` (each degree's row 2l+1 times): a fixed-size gather, which compilers trace."""
+    return torch.tensor([l - first for l in range(first, lmax + 1) for _ in range(2 * l + 1)])
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -68,6 +68,7 @@ class EquivariantLayerNormSH(nn.Module):
         self.norm_l0 = nn.LayerNorm(num_channels, eps=eps)
         self.affine_weight = nn.Parameter(torch.ones(lmax, num_channels))
         self.register_buffer("degree_weights", _degree_weights(lmax, 1), persistent=False)
+        self.register_buffer("degree_index", _degree_index(lmax, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
@@ -77,7 +78,7 @@ class EquivariantLayerNormSH(nn.Module):
         scalars = self.norm_l0(scalars)
         mean_square = _degree_mean_square(rest, self.degree_weights)
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
-        weight = _expand_degrees(self.affine_weight, self.lmax, 1)  # [K-1, C]
+        weight = self.affine_weight.index_select(0, self.degree_index)  # [K-1, C]
         return torch.cat([scalars, rest * (scale[:, None, None] * weight)], dim=1)
 
 
@@ -92,6 +93,7 @@ class EquivariantRMSNormSH(nn.Module):
         self.affine_weight = nn.Parameter(torch.ones(lmax + 1, num_channels))
         self.affine_bias = nn.Parameter(torch.zeros(num_channels)) if centering else None
         self.register_buffer("degree_weights", _degree_weights(lmax, 0), persistent=False)
+        self.register_buffer("degree_index", _degree_index(lmax, 0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _upcast(x)
@@ -100,7 +102,7 @@ class EquivariantRMSNormSH(nn.Module):
             x = torch.cat([scalars - scalars.mean(dim=2, keepdim=True), rest], dim=1)  # [N, K, C]
         mean_square = _degree_mean_square(x, self.degree_weights)
         scale = (mean_square / self.num_channels + self.eps).rsqrt()  # [N]
-        out = x * (scale[:, None, None] * _expand_degrees(self.affine_weight, self.lmax, 0))
+        out = x * (scale[:, None, None] * self.affine_weight.index_select(0, self.degree_index))
         if not self.centering:
             return out
         out_scalars, out_rest = out.split([1, out.shape[1] - 1], dim=1)
