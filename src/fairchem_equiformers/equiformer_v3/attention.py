@@ -195,9 +195,8 @@ class EquivariantGraphAttention(nn.Module):
                 dim=1,
             )
         weights = self.rad_func(edge_input).view(-1, self.radial_rows, 2 * self.in_channels)  # [E, rows, 2C]
-        groups = edges.rotation.gather_to_edge(
-            x, edges.edge_index
-        )  # per order [E, rows, 2C]: source | target
+        # the edge layout, per order [E, rows, 2C]: source channels, then target channels
+        groups = edges.rotation.gather_to_edge(x, edges.edge_index)
         weighted = []
         for group, w in zip(groups, self._order_weights(weights)):
             if self.use_add_merge:
