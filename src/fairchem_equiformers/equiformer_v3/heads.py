@@ -93,5 +93,5 @@ class EquiformerV3StressHead(FeedForwardV3, HeadInterface):
         coefficients = super().forward(emb["node_embedding"])[:, :9, 0]  # [N, 9] degrees 0..2
         num_graphs = len(data.natoms)
         summed = coefficients.new_zeros(num_graphs, 9).index_add_(0, data.batch, coefficients)
-        counts = torch.bincount(data.batch, minlength=num_graphs).clamp(min=1).to(summed.dtype)
+        counts = data.natoms.clamp(min=1).to(summed.dtype)  # [B]
         return {"stress": (summed / counts[:, None]) @ self.from_degrees.to(summed.dtype)}

@@ -25,6 +25,11 @@ class SphericalLayout:
             raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
         self.lmax = lmax
         self.mmax = mmax
+        # plain attributes (read in every forward, also under torch.compile): the number of degrees
+        # carrying order m (m = 0..mmax), and the rows of each order's group in the edge layout
+        # (lmax + 1 for m = 0, then 2 * (lmax - m + 1): +m and -m)
+        self.order_sizes = [lmax - m + 1 for m in range(mmax + 1)]
+        self.order_rows = [self.order_sizes[0]] + [2 * d for d in self.order_sizes[1:]]
 
     @property
     def num_coefficients(self) -> int:
@@ -67,17 +72,6 @@ class SphericalLayout:
         """Edge-layout rows of degree ``l``, in edge-layout order: ``m = 0``, then ``+m, -m``
         for ``m = 1..min(l, mmax)``."""
         return [k for k, (degree, _) in enumerate(self.edge_lm) if degree == l]
-
-    @cached_property
-    def order_sizes(self) -> list[int]:
-        """Number of degrees carrying order m (for m = 0..mmax): ``lmax - m + 1``."""
-        return [self.lmax - m + 1 for m in range(self.mmax + 1)]
-
-    @cached_property
-    def order_rows(self) -> list[int]:
-        """Rows of each order's group in the edge layout: ``lmax + 1`` for m = 0, then
-        ``2 * (lmax - m + 1)`` (+m and -m) for each m = 1..mmax."""
-        return [self.order_sizes[0]] + [2 * d for d in self.order_sizes[1:]]
 
     def truncation_rescale(self, l: int) -> float:
         """Factor sqrt((2l+1)/(2mmax+1)) applied to degrees that lose orders |m| > mmax.

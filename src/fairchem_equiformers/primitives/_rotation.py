@@ -128,7 +128,7 @@ class EdgeRotation:
         convolution takes): ``[E, lmax+1, 2C]`` for m = 0, then ``[E, 2 * (lmax-m+1), 2C]``
         (+m rows, then -m rows) for each m = 1..mmax."""
         return _GatherToEdge.apply(
-            x, self.to_edge_matrix, edge_index[0], edge_index[1], self.layout.order_rows
+            x, self.to_edge_matrix, edge_index[0], edge_index[1], tuple(self.layout.order_rows)
         )
 
     def to_edge(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,9 @@ class _ComplexLinear(torch.autograd.Function):
         x_real, x_imag = x.unbind(1)  # [E, K] each
         t1 = x_real @ w_real.T  # [E, N]
         t2 = x_imag @ w_imag.T
+        if torch.compiler.is_compiling():  # the same values, without writes into strided views
+            t3 = (x_real + x_imag) @ w_sum.T
+            return torch.stack([t1 - t2, t3 - t1 - t2], dim=1)
         out = x.new_empty(x.shape[0], 2, w_real.shape[0])
         torch.mm(x_real + x_imag, w_sum.T, out=out[:, 1])
         out[:, 1].sub_(t1).sub_(t2)
