@@ -44,6 +44,7 @@ from fairchem_equiformers.primitives import (
     e3nn_eager,
     is_even_scalar,
     restore_exact_wigner_3j,
+    weight_decay_exempt,
 )
 
 from .attention import ATTENTION_TYPES, EdgeFeatures, EquivariantGraphAttention
@@ -342,10 +343,4 @@ class EquiformerV1Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay (the reference's rule): biases and norm parameters,
         of ``nn.Linear``, ``nn.LayerNorm`` (radial MLPs) and the equivariant layer norms."""
-        exempt = set()
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(recurse=False):
-                is_bias = isinstance(module, (nn.Linear, o3.Linear)) and param_name != "weight"
-                if is_bias or isinstance(module, (nn.LayerNorm, IrrepsLayerNorm)):
-                    exempt.add(f"{module_name}.{param_name}" if module_name else param_name)
-        return exempt
+        return weight_decay_exempt(self, (nn.Linear, o3.Linear), (nn.LayerNorm, IrrepsLayerNorm))

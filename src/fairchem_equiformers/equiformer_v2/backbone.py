@@ -39,6 +39,7 @@ from fairchem_equiformers.primitives import (
     check_common_model_keys,
     check_structures,
     equivariant_norm,
+    weight_decay_exempt,
 )
 
 from .attention import EdgeContext, SO2GraphAttention, attach_element_embeddings, with_element_embeddings
@@ -352,11 +353,4 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def no_weight_decay(self) -> set[str]:
         """Parameters exempt from weight decay (the official rule): biases of linear layers
         and every parameter of a normalisation layer."""
-        norms = (nn.LayerNorm, *NORMS.values())
-        exempt = set()
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(recurse=False):
-                is_linear = isinstance(module, (nn.Linear, SO3Linear))
-                if (is_linear and param_name != "weight") or isinstance(module, norms):
-                    exempt.add(f"{module_name}.{param_name}" if module_name else param_name)
-        return exempt
+        return weight_decay_exempt(self, (nn.Linear, SO3Linear), (nn.LayerNorm, *NORMS.values()))

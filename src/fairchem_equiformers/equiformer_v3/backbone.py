@@ -29,12 +29,14 @@ from fairchem_equiformers.primitives import (
     EdgeRotation,
     GaussianBasis,
     PolynomialEnvelope,
+    RadialMLP,
     S2Grid,
     SO3Linear,
     SphericalLayout,
     build_graph,
     check_common_model_keys,
     check_structures,
+    weight_decay_exempt,
 )
 
 from .activations import check_activation
@@ -50,8 +52,6 @@ AVG_DEGREE = 23.395238876342773
 def init_weights_v3(module: nn.Module) -> None:
     """The official initialisation, after construction: biases of linear layers zero, LayerNorms
     the identity, the radial MLPs' linear weights U(+-1/sqrt(fan_in))."""
-    from fairchem_equiformers.primitives import RadialMLP
-
     for layer in module.modules():
         if isinstance(layer, (nn.Linear, SO3Linear)) and layer.bias is not None:
             nn.init.zeros_(layer.bias)
@@ -372,11 +372,5 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     def no_weight_decay(self) -> set[str]:
         """The official rule: every parameter of embeddings, normalisation layers and
         RMSNorms, and the biases of linear layers, are exempt from weight decay."""
-        exempt_modules = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, *NORMS.values())
-        exempt = set()
-        for module_name, module in self.named_modules():
-            for param_name, _ in module.named_parameters(recurse=False):
-                is_linear = isinstance(module, (nn.Linear, SO3Linear))
-                if (is_linear and param_name != "weight") or isinstance(module, exempt_modules):
-                    exempt.add(f"{module_name}.{param_name}" if module_name else param_name)
-        return exempt
+        whole = (nn.Embedding, nn.LayerNorm, nn.RMSNorm, *NORMS.values())
+        return weight_decay_exempt(self, (nn.Linear, SO3Linear), whole)

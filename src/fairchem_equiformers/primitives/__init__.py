@@ -36,6 +36,7 @@ from ._recoupling import SolidHarmonicTensorProduct, solid_harmonics, wigner_6j
 from ._rotation import EdgeRotation
 from ._so2 import SO2Convolution
 from ._softmax import graph_softmax
+from ._weight_decay import weight_decay_exempt
 
 __all__ = [
     # spherical layouts, rotations, grids
@@ -82,4 +83,6 @@ __all__ = [
     "row_blocks",
     "check_common_model_keys",
     "check_structures",
+    # training
+    "weight_decay_exempt",
 ]
