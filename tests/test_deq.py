@@ -606,15 +606,14 @@ def labelled_batch(frames):
     return batch
 
 
-def test_learns_emt_slabs_better_than_the_mean_predictor():
+def emt_learning(model, steps: int, optimizer) -> tuple[float, float, float, float]:
+    """Train ``model`` on 24 EMT slabs (batches of 4, cosine schedule, normalised energies and
+    forces, loss energy + 10 force), then its energy and force MAE on 12 held-out slabs and the
+    mean predictor's: ``(energy_mae, force_mae, mean_energy, mean_force)`` in eV and eV/A."""
     train, test = emt_frames(range(24)), emt_frames(range(100, 112))
     energies = np.array([e for _, e, _ in train])
     energy_mean, energy_std = energies.mean(), energies.std()
     force_std = np.concatenate([f for _, _, f in train]).std()
-    torch.manual_seed(0)
-    model = DEQEquiformerV2(**TINY_DEQ)
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
-    steps = 40
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     rng = np.random.default_rng(0)
     model.train()
@@ -629,12 +628,20 @@ def test_learns_emt_slabs_better_than_the_mean_predictor():
         schedule.step()
     model.eval()
     batch = labelled_batch(test)
-    with torch.no_grad():
-        out = model(batch)
-    energy_mae = float((out["energy"] * energy_std + energy_mean - batch.energy).abs().mean())
-    force_mae = float((out["forces"] * force_std - batch.forces).abs().mean())
+    out = model(batch)
+    energy_mae = float((out["energy"].detach() * energy_std + energy_mean - batch.energy).abs().mean())
+    force_mae = float((out["forces"].detach() * force_std - batch.forces).abs().mean())
     mean_energy = float(np.abs(batch.energy.numpy() - energy_mean).mean())
-    mean_force = float(batch.forces.abs().mean())
+    return energy_mae, force_mae, mean_energy, float(batch.forces.abs().mean())
+
+
+def test_learns_emt_slabs_better_than_the_mean_predictor():
+    torch.manual_seed(0)
+    model = DEQEquiformerV2(**TINY_DEQ)
+    steps = 40
+    energy_mae, force_mae, mean_energy, mean_force = emt_learning(
+        model, steps, torch.optim.Adam(model.parameters(), lr=5e-3)
+    )
     print(f"DEQ {steps} steps: energy MAE {energy_mae:.3f} eV, forces {force_mae:.3f} eV/A; "
           f"mean predictor {mean_energy:.3f}, {mean_force:.3f}; solver {model.deq_stats}")  # fmt: skip
     assert force_mae < 0.8 * mean_force

@@ -4,14 +4,13 @@ symmetry, central differences and stress: the model battery; real DFT data: test
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from fairchem_equiformers import EquiformerV3
 
 from .conftest import TINY_V3
-from .test_deq import emt_frames, labelled_batch
+from .test_deq import emt_learning
 
 # measured (energy MAE / mean predictor's, force MAE / mean predictor's), 100 steps, 2026-12-06
 # direct 0.78, 0.45; gradient 0.58, 0.54
@@ -20,33 +19,10 @@ REQUIRED = {True: (0.9, 0.55), False: (0.7, 0.65)}
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "gradient"])
 def test_learns_emt_slabs_better_than_the_mean_predictor(direct):
-    train, test = emt_frames(range(24)), emt_frames(range(100, 112))
-    energies = np.array([e for _, e, _ in train])
-    energy_mean, energy_std = energies.mean(), energies.std()
-    force_std = np.concatenate([f for _, _, f in train]).std()
     torch.manual_seed(0)
     model = EquiformerV3(**{**TINY_V3, "direct_prediction": direct, "avg_num_nodes": 20.0})
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
-    steps = 100
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    rng = np.random.default_rng(0)
-    model.train()
-    for _ in range(steps):
-        batch = labelled_batch([train[i] for i in rng.choice(len(train), 4, replace=False)])
-        out = model(batch)
-        energy_loss = (out["energy"] - (batch.energy - energy_mean) / energy_std).abs().mean()
-        force_loss = (out["forces"] - batch.forces / force_std).norm(dim=1).mean()
-        optimizer.zero_grad()
-        (energy_loss + 10 * force_loss).backward()
-        optimizer.step()
-        schedule.step()
-    model.eval()
-    batch = labelled_batch(test)
-    out = model(batch)
-    energy_mae = float((out["energy"].detach() * energy_std + energy_mean - batch.energy).abs().mean())
-    force_mae = float((out["forces"].detach() * force_std - batch.forces).abs().mean())
-    mean_energy = float(np.abs(batch.energy.numpy() - energy_mean).mean())
-    mean_force = float(batch.forces.abs().mean())
+    energy_mae, force_mae, mean_energy, mean_force = emt_learning(model, 100, optimizer)
     ratios = (energy_mae / mean_energy, force_mae / mean_force)
     print(f"\nMEASURED EquiformerV3 {'direct' if direct else 'gradient'}: energy MAE {energy_mae:.3f} eV, "
           f"forces {force_mae:.3f} eV/A; mean predictor {mean_energy:.3f}, {mean_force:.3f}; "
