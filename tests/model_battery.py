@@ -3,9 +3,8 @@
 A test class inherits :class:`ModelBattery` and sets ``config`` to a :class:`BatteryConfig`: the
 model class, its (small) constructor arguments, the structures and the per-model tolerances.
 Every check runs in float64 on seeded, randomly perturbed weights, on rattled structures
-(every atom moved, fixed ones too, and the periodic cells turned by a fixed random rotation:
-no edge lies exactly along an axis; edges exactly along x in a plane are a known defect of
-EquiformerV2's conservative forces, pinned by a strict xfail in
+(every atom moved, fixed ones too, and the periodic cells turned by a fixed random rotation;
+edges along the crystal axes and on the edge frame's poles have their own tests in
 ``test_equiformer_v2_conservative.py``).
 
 The checks (``{kind}`` is ``molecule`` -- built with ``molecule_kwargs``, by default

@@ -19,7 +19,13 @@ from fairchem_equiformers.primitives import (
     graph_softmax,
     radius_graph_nonperiodic,
 )
-from fairchem_equiformers.primitives._wigner import edge_frame_angles, swap_matrix, wigner_d_columns
+from fairchem_equiformers.primitives._wigner import (
+    FRAME_POLE,
+    edge_frame_angles,
+    frame_tilt,
+    swap_matrix,
+    wigner_d_columns,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +62,10 @@ def test_wigner_columns_rotate_harmonics():
         torch.testing.assert_close(block @ block.transpose(1, 2), eye, atol=1e-13, rtol=0)
 
 
-@pytest.mark.parametrize("direction", [[0.0, 1.0, 0.0], [0.0, -2.0, 0.0], [1e-9, 1.0, 0.0], [0.3, -0.2, 0.9]])
+@pytest.mark.parametrize(
+    "direction",
+    [[0.0, 1.0, 0.0], [0.0, -2.0, 0.0], [1e-9, 1.0, 0.0], [0.3, -0.2, 0.9], list(FRAME_POLE), [-c for c in FRAME_POLE]],
+)
 def test_edge_frame_puts_edge_on_polar_axis(direction):
     layout = SphericalLayout(4, 4)
     vec = torch.tensor([direction])
@@ -75,9 +84,10 @@ def test_frame_from_rotation_matrices_spins_about_the_edge():
     torch.manual_seed(8)
     layout = SphericalLayout(3, 2)
     vec = torch.randn(6, 3)
-    alpha, beta = o3.xyz_to_angles(vec)
+    tilt = frame_tilt().to(vec)  # the plain frame: Euler angles of Q u, then Q^T
+    alpha, beta = o3.xyz_to_angles(vec @ tilt.T)
     gamma = torch.rand(6) * 6.28
-    to_y = o3.angles_to_matrix(alpha, beta, gamma).transpose(1, 2)  # [E, 3, 3], edge -> +y
+    to_y = o3.angles_to_matrix(alpha, beta, gamma).transpose(1, 2) @ tilt  # [E, 3, 3], edge -> +y
     unit = vec / vec.norm(dim=1, keepdim=True)
     torch.testing.assert_close(
         torch.einsum("eij,ej->ei", to_y, unit), torch.tensor([[0.0, 1.0, 0.0]]).expand(6, 3)

@@ -244,8 +244,12 @@ def spoiled(atoms: Atoms, kind: str) -> Atoms:
     if kind == "nan":
         results["forces"] = results["forces"].copy()
         results["forces"][1, 2] = np.nan
-    elif kind == "overlap":
+    elif kind in ("overlap", "overlap_molecule"):
         atoms.positions[3] = atoms.positions[0] + [0.1, 0, 0]
+        if kind == "overlap_molecule":  # no periodic boundaries: the k-d tree's search
+            atoms.pbc = False
+            results.pop("stress", None)
+            atoms.positions[2] = atoms.positions[0] + [0, 0.2, 0]
     elif kind == "dummy":
         atoms.numbers[2] = 0
     atoms.calc = None if kind == "unlabelled" else SinglePointCalculator(atoms, **results)
@@ -255,6 +259,7 @@ def spoiled(atoms: Atoms, kind: str) -> Atoms:
 BAD = {
     "nan": "forces of atom 1 are not finite",
     "overlap": "atoms 0 and 3 are 0.100 A apart (overlapping atoms",
+    "overlap_molecule": "atoms 0 and 3 are 0.100 A apart (overlapping atoms",
     "unlabelled": "has no energy and forces",
     "dummy": "has unknown element(s) with atomic number [0]",
 }

@@ -28,6 +28,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
 from ase.neighborlist import neighbor_list
+from scipy.spatial import cKDTree
 
 from .errors import DataBuildError
 from .frames import Frame
@@ -155,8 +156,15 @@ def _check(atoms: Atoms, keys: LabelKeys) -> Frame:
 
 
 def _check_distances(atoms: Atoms) -> None:
-    """``ValueError`` naming the first pair of atoms closer than ``MIN_DISTANCE`` (O(N) neighbour list)."""
-    first, second, distance = neighbor_list("ijd", atoms, MIN_DISTANCE, self_interaction=False)
+    """``ValueError`` naming the closest pair of atoms closer than ``MIN_DISTANCE``: a k-d tree
+    for molecules (ASE's neighbour list takes 0.5 s for a molecule in a 50 A box without
+    periodic boundaries), ASE's periodic neighbour list otherwise."""
+    if not atoms.pbc.any():
+        pairs = cKDTree(atoms.positions).query_pairs(MIN_DISTANCE, output_type="ndarray")  # [P, 2]
+        first, second = pairs.T
+        distance = np.linalg.norm(atoms.positions[first] - atoms.positions[second], axis=1)
+    else:
+        first, second, distance = neighbor_list("ijd", atoms, MIN_DISTANCE, self_interaction=False)
     if len(distance):
         k = int(np.argmin(distance))
         raise ValueError(

@@ -30,6 +30,7 @@ from ._irreps import (
 )
 from ._layout import SphericalLayout
 from ._linear import SO3Linear
+from ._neighbors import radius_graph
 from ._norm import NORMS, equivariant_norm
 from ._radial import BesselBasis, ExpNormalBasis, GaussianBasis, PolynomialEnvelope, RadialMLP
 from ._recoupling import SolidHarmonicTensorProduct, solid_harmonics, wigner_6j
@@ -78,6 +79,7 @@ __all__ = [
     # graphs, attention over edges, input checks
     "Graph",
     "build_graph",
+    "radius_graph",
     "radius_graph_nonperiodic",
     "graph_softmax",
     "row_blocks",

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._neighbors import radius_graph
+
 
 @dataclass
 class Graph:
@@ -26,26 +28,12 @@ class Graph:
 def radius_graph_nonperiodic(
     pos: torch.Tensor, batch: torch.Tensor, cutoff: float, max_neighbors: int
 ) -> torch.Tensor:
-    """Edges ``[2, E]`` (source, target) between atoms of the same graph closer than ``cutoff``,
-    keeping each target's ``max_neighbors`` nearest sources. Needs neither torch-cluster nor
-    pyg-lib. Memory is quadratic in the atoms of the largest graph; meant for molecules."""
-    edges = []
-    counts = torch.bincount(batch)
-    starts = torch.cumsum(counts, 0) - counts
-    for start, count in zip(starts.tolist(), counts.tolist()):
-        p = pos[start : start + count].detach()
-        dist = torch.cdist(p, p)  # [n, n]  (row: target, column: source)
-        dist.fill_diagonal_(float("inf"))
-        k = min(max_neighbors, count - 1)
-        if k <= 0:
-            continue
-        nearest, source = torch.topk(dist, k, dim=1, largest=False)  # [n, k]
-        target = torch.arange(count, device=pos.device)[:, None].expand_as(source)
-        keep = nearest < cutoff
-        edges.append(torch.stack([source[keep], target[keep]]) + start)
-    if not edges:
-        return torch.zeros(2, 0, dtype=torch.long, device=pos.device)
-    return torch.cat(edges, dim=1)
+    """Edges ``[2, E]`` (source, target) between atoms of the same graph within ``cutoff``,
+    keeping each target's ``max_neighbors`` nearest sources (strictly): :func:`radius_graph`
+    without periodic boundaries."""
+    natoms = torch.bincount(batch)
+    edge_index, _ = radius_graph(pos, natoms, None, None, cutoff, max_neighbors, True)
+    return edge_index
 
 
 def build_graph(model, data, pos: torch.Tensor) -> Graph:
@@ -53,14 +41,24 @@ def build_graph(model, data, pos: torch.Tensor) -> Graph:
 
     ``model`` carries fairchem's graph settings (``use_pbc``, ``use_pbc_single``, ``otf_graph``,
     ``max_radius``, ``max_neighbors``, ``enforce_max_neighbors_strictly``) and fairchem's
-    ``generate_graph`` (``GraphModelMixin``). Molecules built on the fly use
-    ``radius_graph_nonperiodic``; periodic graphs come from fairchem's neighbour search (which
-    runs in float32 only: it sees a detached float32 copy and only picks the edges); with
-    ``otf_graph=False`` the batch's own ``edge_index`` (and ``cell_offsets``) are used. The
-    vectors are then ``pos[source] - pos[target] + cell_offsets @ cell`` in ``pos``'s dtype."""
-    if not model.use_pbc and model.otf_graph:
-        edge_index = radius_graph_nonperiodic(pos, data.batch, model.max_radius, model.max_neighbors)
-        shift = pos.new_zeros(edge_index.shape[1], 3)
+    ``generate_graph`` (``GraphModelMixin``). Graphs built on the fly come from
+    :func:`radius_graph` (linear time; fairchem's edges, in fairchem's order): periodic in the
+    directions of ``data.pbc`` when the batch has it, in all three otherwise (fairchem's rule),
+    none with ``use_pbc=False``. It only picks the edges, in float32 as fairchem. With
+    ``otf_graph=False`` the batch's own ``edge_index`` (and ``cell_offsets``) are used, through
+    fairchem's ``generate_graph``. The vectors are then
+    ``pos[source] - pos[target] + cell_offsets @ cell`` in ``pos``'s dtype."""
+    if model.otf_graph:
+        pbc = None
+        if model.use_pbc:
+            given = getattr(data, "pbc", None)
+            pbc = torch.ones(len(data.natoms), 3, dtype=torch.bool) if given is None else given
+            pbc = torch.atleast_2d(pbc).bool().view(len(data.natoms), 3)
+        cell = data.cell if model.use_pbc else None
+        edge_index, cell_offsets = radius_graph(
+            pos, data.natoms, cell, pbc, model.max_radius, model.max_neighbors,
+            model.enforce_max_neighbors_strictly,
+        )  # fmt: skip
     else:
         search_input = copy.copy(data)
         search_input.pos = pos.detach().float()
@@ -71,12 +69,12 @@ def build_graph(model, data, pos: torch.Tensor) -> Graph:
             enforce_max_neighbors_strictly=model.enforce_max_neighbors_strictly,
             use_pbc_single=model.use_pbc_single,
         )
-        edge_index = found.edge_index
-        if model.use_pbc:
-            cells = data.cell.to(pos.dtype)[data.batch[edge_index[0]]]  # [E, 3, 3]
-            shift = torch.einsum("ei,eij->ej", found.cell_offsets.to(pos.dtype), cells)
-        else:
-            shift = pos.new_zeros(edge_index.shape[1], 3)
+        edge_index, cell_offsets = found.edge_index, found.cell_offsets
+    if model.use_pbc:
+        cells = data.cell.to(pos.dtype)[data.batch[edge_index[0]]]  # [E, 3, 3]
+        shift = torch.einsum("ei,eij->ej", cell_offsets.to(pos.dtype), cells)
+    else:
+        shift = pos.new_zeros(edge_index.shape[1], 3)
     source, target = edge_index
     return Graph(edge_index, pos[source] - pos[target] + shift, shift)
 

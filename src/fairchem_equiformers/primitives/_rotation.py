@@ -8,7 +8,14 @@ from torch import nn
 from ._autocast import float32_under_autocast
 from ._blocks import row_blocks
 from ._layout import SphericalLayout
-from ._wigner import edge_frame_angles, frame_angles_from_matrices, wigner_d_columns, with_pole_gradients
+from ._wigner import (
+    edge_frame_angles,
+    frame_angles_from_matrices,
+    frame_tilt,
+    tilt_wigner,
+    wigner_d_columns,
+    with_pole_gradients,
+)
 
 # Features gathered per step of the fused gather and rotation (floats): a cache-sized block.
 GATHER_BLOCK_ELEMENTS = 1 << 20
@@ -79,17 +86,10 @@ class EdgeRotation:
     :meth:`from_rotation_matrices` (any frame, e.g. another implementation's).
     """
 
-    def __init__(
-        self, layout: SphericalLayout, *angles: torch.Tensor, edge_vec: torch.Tensor | None = None
-    ) -> None:
-        """``angles``: cos/sin of the Euler angles alpha, beta (and optionally gamma) of the
-        rotation taking ``+y`` to each edge direction, each ``[E]``. ``edge_vec [E, 3]``: the
-        vectors the angles came from, to give edges along +-y their gradient (see
-        :func:`with_pole_gradients`)."""
+    def __init__(self, layout: SphericalLayout, blocks: list[torch.Tensor]) -> None:
+        """``blocks``: per degree l the columns ``[E, 2l+1, r_l]`` (ascending m) of the Wigner
+        matrix of the rotation taking ``+y`` to each edge direction."""
         self.layout = layout
-        blocks = wigner_d_columns(*angles[:4], layout.lmax, layout.mmax, *angles[4:])
-        if edge_vec is not None:
-            blocks = with_pole_gradients(blocks, edge_vec)
         width = layout.num_edge_coefficients
         diagonal, start = [], 0  # block-diagonal [E, K, K_e], columns in degree-block order
         for block in blocks:
@@ -114,13 +114,20 @@ class EdgeRotation:
 
     @classmethod
     def from_edge_vectors(cls, edge_vec: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
-        """Frame fixed by the edge vectors ``[E, 3]`` alone (source minus target, non-zero)."""
-        return cls(layout, *edge_frame_angles(edge_vec), edge_vec=edge_vec)
+        """Frame fixed by the edge vectors ``[E, 3]`` alone (source minus target, non-zero):
+        ``Q^T`` after the Euler frame of ``Q u`` (its poles off the crystal axes, see
+        :func:`frame_tilt`)."""
+        tilted = edge_vec @ frame_tilt().to(edge_vec).T  # [E, 3], Q u
+        blocks = wigner_d_columns(*edge_frame_angles(tilted), layout.lmax, layout.mmax)
+        blocks = with_pole_gradients(blocks, tilted)
+        tilt = [tilt_wigner(l).to(edge_vec) for l in range(layout.lmax + 1)]
+        return cls(layout, [d.T @ block for d, block in zip(tilt, blocks)])  # D(Q)^T D(G)
 
     @classmethod
     def from_rotation_matrices(cls, rotation: torch.Tensor, layout: SphericalLayout) -> EdgeRotation:
         """Frame given as rotations ``[E, 3, 3]`` that map each edge direction onto ``+y``."""
-        return cls(layout, *frame_angles_from_matrices(rotation))
+        angles = frame_angles_from_matrices(rotation)
+        return cls(layout, wigner_d_columns(*angles[:4], layout.lmax, layout.mmax, *angles[4:]))
 
     def gather_to_edge(self, x: torch.Tensor, edge_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Node features ``[N, K, C]`` -> source and target features of every edge side by

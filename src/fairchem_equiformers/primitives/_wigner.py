@@ -7,12 +7,20 @@ A rotation with Y-X-Y Euler angles factors as ``D(a, b, c) = Y(a) J Y(b) J Y(c)`
 
 The edge frame maps the unit edge vector ``u`` to ``+y``, so that a feature rotated into it
 has its ``m = 0`` components along the edge. The rotation about the edge axis is free (the
-SO(2) convolution commutes with it); we fix it by the Euler angles of ``u`` with gamma = 0,
-which makes the frame a deterministic function of ``u`` (the released EquiformerV2 draws it at
-random on every call).
+SO(2) convolution commutes with it); we fix it by the Euler angles of ``Q u`` with gamma = 0,
+``Q`` a fixed rotation (:func:`frame_tilt`), which makes the frame a deterministic function of
+``u`` (the released EquiformerV2 draws it at random on every call).
 
-Everything is differentiable in the edge vector (conservative forces, stress). At the poles
-(``u = +-y``) the azimuth is undefined and fixed to 0; there the frame's gradient comes from
+No frame field on the sphere is smooth everywhere: this one turns once about the edge as ``u``
+circles its poles ``u = +-FRAME_POLE`` (where ``Q u = +-y``). A model exactly invariant to the
+spin (SO(2) convolutions, gate activations) does not see it; one with an S2-grid activation in
+the edge frame changes by its grid error there, over an arbitrarily short distance. ``Q`` puts
+the poles on a direction no low-index lattice direction comes near (at least 5.7 degrees from
+every cubic and hexagonal direction with indices up to 4), instead of the y axis, which edges of
+cubic cells and slabs lie on.
+
+Everything is differentiable in the edge vector (conservative forces, stress). At the poles the
+azimuth is undefined and fixed to 0; there the frame's gradient comes from
 :func:`with_pole_gradients`.
 """
 
@@ -38,6 +46,35 @@ def swap_matrix(l: int) -> torch.Tensor:
     try:
         half_pi = torch.tensor(math.pi / 2)
         return o3.wigner_D(l, half_pi, half_pi, half_pi).contiguous()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# The frame's poles are the edges along +-FRAME_POLE (a unit vector).
+FRAME_POLE = tuple(c / math.hypot(-0.7530452, 0.65019034, 0.1008734) for c in (-0.7530452, 0.65019034, 0.1008734))
+
+
+@cache
+def frame_tilt() -> torch.Tensor:
+    """``Q [3, 3]`` float64: the smallest rotation taking ``FRAME_POLE`` to ``+y``."""
+    pole = torch.tensor(FRAME_POLE, dtype=torch.float64)
+    axis = torch.linalg.cross(pole, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    sin, cos = axis.norm(), pole[1]
+    k = axis / sin
+    cross = torch.tensor(
+        [[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]], dtype=torch.float64
+    )  # k x .
+    return torch.eye(3, dtype=torch.float64) + sin * cross + (1 - cos) * cross @ cross
+
+
+@torch._dynamo.disable  # e3nn builds it in the default dtype, switched here to float64
+@cache
+def tilt_wigner(l: int) -> torch.Tensor:
+    """``D_l(Q) [2l+1, 2l+1]`` float64: ``Y_l(Q v) = D_l(Q) Y_l(v)``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return o3.Irrep(l, 1).D_from_matrix(frame_tilt()).contiguous()
     finally:
         torch.set_default_dtype(previous)
 
