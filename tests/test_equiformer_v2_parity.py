@@ -23,7 +23,9 @@ from fairchem.core.models.equiformer_v2.equiformer_v2_deprecated import Equiform
 from fairchem_equiformers import EquiformerV2
 from fairchem_equiformers.primitives import EdgeRotation, radius_graph_nonperiodic
 
-TOLERANCE = 1e-5
+# float32 relative errors against the reference (max over the tests below, measured 2026-12-06):
+# energy 4.3e-7, forces 4.9e-6; the reference against itself with another random frame: forces 2.5e-6
+ENERGY_TOLERANCE, FORCE_TOLERANCE = 1e-6, 1e-5
 
 BASE = dict(
     use_pbc=True,
@@ -108,7 +110,7 @@ def test_same_function_as_reference_on_slabs(name, slab_batch):
     reference, ours = build_pair({**BASE, **CONFIGS[name]})
     energy_error, force_error = compare(reference, ours, slab_batch, same_frame=True)
     print(f"{name} (same frame): energy rel err {energy_error:.1e}, forces rel err {force_error:.1e}")
-    assert energy_error < TOLERANCE and force_error < TOLERANCE
+    assert energy_error < ENERGY_TOLERANCE and force_error < FORCE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", FINE_GRID)
@@ -116,7 +118,7 @@ def test_deterministic_frame_matches_reference_on_slabs(name, slab_batch):
     reference, ours = build_pair({**BASE, **CONFIGS[name]})
     energy_error, force_error = compare(reference, ours, slab_batch)
     print(f"{name} (own frame): energy rel err {energy_error:.1e}, forces rel err {force_error:.1e}")
-    assert energy_error < TOLERANCE and force_error < TOLERANCE
+    assert energy_error < ENERGY_TOLERANCE and force_error < FORCE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["L4M3_3layers_gate_ln_linref", "L6M2_4layers_released_style"])
@@ -124,14 +126,14 @@ def test_parity_in_train_mode(name, slab_batch):
     reference, ours = build_pair({**BASE, **CONFIGS[name]})
     for same_frame in (True, False):
         energy_error, force_error = compare(reference, ours, slab_batch, train=True, same_frame=same_frame)
-        assert energy_error < TOLERANCE and force_error < TOLERANCE
+        assert energy_error < ENERGY_TOLERANCE and force_error < FORCE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["L2M1_1layer_gridmlp_lnsh", "L3M2_2layers_seps2_rms_norenorm"])
 def test_parity_on_molecule_in_box(name, molecule_batch):
     reference, ours = build_pair({**BASE, **CONFIGS[name]})
     energy_error, force_error = compare(reference, ours, molecule_batch, same_frame=True)
-    assert energy_error < TOLERANCE and force_error < TOLERANCE
+    assert energy_error < ENERGY_TOLERANCE and force_error < FORCE_TOLERANCE
 
 
 def test_parity_with_edges_given(molecule_batch):
@@ -142,7 +144,7 @@ def test_parity_with_edges_given(molecule_batch):
     batch.edge_index = radius_graph_nonperiodic(batch.pos, batch.batch, 12.0, 20)
     for same_frame in (True, False):
         energy_error, force_error = compare(reference, ours, batch, same_frame=same_frame)
-        assert energy_error < TOLERANCE and force_error < TOLERANCE
+        assert energy_error < ENERGY_TOLERANCE and force_error < FORCE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["L6M2_4layers_released_style", "L4M3_3layers_gate_ln_linref"])
@@ -182,7 +184,7 @@ def test_reference_spread_is_below_our_tolerance(slab_batch):
     b = reference(copy.deepcopy(slab_batch))
     spread = relative_error(a["forces"], b["forces"])
     print(f"reference run-to-run force spread: {spread:.2e}")
-    assert 0 < spread < TOLERANCE
+    assert 0 < spread < FORCE_TOLERANCE
 
 
 def test_linear_reference_is_added(slab_batch):

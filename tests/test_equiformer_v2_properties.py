@@ -78,7 +78,8 @@ def test_s2_grid_equivariance_error_converges_with_resolution_float64(slab_struc
         print(f"grid {resolution}: rotation error energy {errors[-1][0]:.1e}, forces {errors[-1][1]:.1e}")
     for coarse, fine in zip(errors, errors[1:]):
         assert fine[0] < coarse[0] / 3 and fine[1] < coarse[1] / 3
-    assert errors[-1][0] < 1e-5 and errors[-1][1] < 1e-3
+    # measured at 32 (2026-12-06): energy 8.3e-7, forces 1.0e-4
+    assert errors[-1][0] < 2e-6 and errors[-1][1] < 2e-4
 
 
 @pytest.mark.parametrize(
