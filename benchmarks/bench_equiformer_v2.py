@@ -98,18 +98,28 @@ def worker(args) -> dict:
     converter = AtomsToGraphs(r_edges=False, r_pbc=True)
     batch = data_list_collater([converter.convert(a) for a in slabs(args.structures)])
     natoms = int(batch.natoms.sum())
+    device = torch.device(args.device)
+    model, batch = model.to(device), batch.to(device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
 
     def step():
-        run_step(model, batch, args.mode)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            run_step(model, batch, args.mode)
+        if cuda:
+            torch.cuda.synchronize()
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()  # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else (peak - rss_before) / 1024
     flops = None
     if args.impl != "reference":  # the plugin's matmul FLOPs are the useful work
         from torch.utils.flop_counter import FlopCounterMode
@@ -121,22 +131,27 @@ def worker(args) -> dict:
         "flops": flops,
         "seconds": min(times),
         "atoms_per_second": natoms / min(times),
-        "peak_mib": (peak - rss_before) / 1024,
+        "peak_mib": peak_mib,
         "natoms": natoms,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
 
 
-def matmul_peak(threads: int) -> float:
-    """GFLOP/s of a 3072 x 3072 float32 GEMM: the machine's practical matmul peak."""
+def matmul_peak(threads: int, device: str = "cpu", precision: str = "fp32") -> float:
+    """GFLOP/s of a 3072 x 3072 GEMM in ``precision``: the machine's practical matmul peak."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(3072, 3072), torch.randn(3072, 3072)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a = torch.randn(3072, 3072, device=device, dtype=dtype)
+    b = torch.randn(3072, 3072, device=device, dtype=dtype)
     a @ b
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(5):
         a @ b
+    synchronize()
     return 5 * 2 * 3072**3 / (time.perf_counter() - start) / 1e9
 
 
@@ -158,10 +173,16 @@ def main() -> None:
         default="direct",
         help="direct: ours vs fairchem's reference; conservative: our direct vs conservative forces",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+        help="bf16/fp16: torch.autocast around both models (the package's own kernels run float32)",
+    )  # fmt: skip
+    parser.add_argument("--json", help="append the results (one line per mode) to this file")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == ["peak", "matmul"]:
-        print(json.dumps({"gflops": matmul_peak(args.threads)}))
+        print(json.dumps({"gflops": matmul_peak(args.threads, args.device, args.precision)}))
         return
     if args.worker:
         args.impl, args.mode = args.worker
@@ -178,7 +199,7 @@ def main() -> None:
 def run_worker(args, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
            "--structures", str(args.structures), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -193,9 +214,9 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
     results = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
     first = results[(candidate, "inference")]
     print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
-          f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
+          f"= {first['natoms']} atoms, {args.device} ({args.threads} threads), {args.precision}")  # fmt: skip
     print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); "
-          f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 float32 GEMM, same threads)")  # fmt: skip
+          f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 {args.precision} GEMM, same threads)")  # fmt: skip
     print(
         f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}"
     )
@@ -209,6 +230,14 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
                 f" {rate:8.1f} {rate / peak_gflops:8.0%}"
             )
         base, cand = results[(baseline, mode)], results[(candidate, mode)]
+        if args.json:
+            with open(args.json, "a") as file:
+                file.write(json.dumps({
+                    "benchmark": "EquiformerV2", "model": args.model, "device": args.device,
+                    "precision": args.precision, "mode": mode, baseline: base["seconds"],
+                    candidate: cand["seconds"], "speed-up": base["seconds"] / cand["seconds"],
+                    "memory ratio": cand["peak_mib"] / max(base["peak_mib"], 1e-9),
+                }) + "\n")  # fmt: skip
         print(f"{mode:<10} {'ratio':<13} {candidate} takes x{cand['seconds'] / base['seconds']:.2f} the time "
               f"of {baseline}, memory x{cand['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}")  # fmt: skip
         if args.rounds > 1:

@@ -75,7 +75,7 @@ def water_box(molecules: int, seed: int = 0) -> Atoms:
     return atoms
 
 
-def calculator(family: str, direct: bool, workdir: Path) -> tuple[OCPCalculator, dict]:
+def calculator(family: str, direct: bool, workdir: Path, device: str = "cpu") -> tuple[OCPCalculator, dict]:
     """``OCPCalculator`` on a checkpoint of the family's MD config with fresh weights."""
     path, overrides, direct_key = MODELS[family]
     config = yaml.safe_load((ROOT / path).read_text())
@@ -94,7 +94,7 @@ def calculator(family: str, direct: bool, workdir: Path) -> tuple[OCPCalculator,
     network = registry.get_model_class(kwargs.pop("name"))(**kwargs)
     checkpoint = workdir / f"{family}_{'direct' if direct else 'gradient'}.pt"
     torch.save({"state_dict": network.state_dict(), "config": full, "normalizers": {}, "ema": None, "amp": None}, checkpoint)
-    return OCPCalculator(checkpoint_path=str(checkpoint), cpu=True, seed=0), model
+    return OCPCalculator(checkpoint_path=str(checkpoint), cpu=device == "cpu", seed=0), model
 
 
 def search_seconds(atoms: Atoms, model: dict, repeats: int = 3) -> tuple[float, int]:
@@ -111,13 +111,13 @@ def search_seconds(atoms: Atoms, model: dict, repeats: int = 3) -> tuple[float, 
     return best, edges
 
 
-def md_seconds_per_step(atoms: Atoms, calc: OCPCalculator, steps: int, bf16: bool) -> float:
+def md_seconds_per_step(atoms: Atoms, calc: OCPCalculator, steps: int, bf16: bool, device: str = "cpu") -> float:
     """Velocity Verlet at 1 fs from 300 K velocities: one step to warm up, then ``steps`` timed."""
     atoms = atoms.copy()
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    with bf16_forward(calc.trainer.model) if bf16 else contextlib.nullcontext():
+    with bf16_forward(calc.trainer.model, device) if bf16 else contextlib.nullcontext():
         dynamics.run(1)
         start = time.perf_counter()
         dynamics.run(steps)
@@ -125,13 +125,13 @@ def md_seconds_per_step(atoms: Atoms, calc: OCPCalculator, steps: int, bf16: boo
 
 
 @contextlib.contextmanager
-def bf16_forward(model: torch.nn.Module):
-    """The model's forward under CPU bf16 autocast, its outputs returned in float32 (the
-    calculator converts them to numpy, which has no bf16)."""
+def bf16_forward(model: torch.nn.Module, device: str):
+    """The model's forward under bf16 autocast, its outputs returned in float32 (the calculator
+    converts them to numpy, which has no bf16)."""
     plain = model.forward
 
     def forward(data):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = plain(data)
         return {key: value.float() for key, value in out.items()}
 
@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per point")
     parser.add_argument("--max-step-seconds", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="63 atoms only, one step: a smoke run")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", help="append every row to this file (one JSON line each)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "md_throughput.png"))
     args = parser.parse_args()
@@ -162,7 +164,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.models:
             for direct in (False, True) if MODELS[family][2] else (False,):
-                calc, model = calculator(family, direct, Path(tmp))
+                calc, model = calculator(family, direct, Path(tmp), args.device)
                 for bf16 in (False, True):
                     previous = None
                     for n in sizes:
@@ -172,22 +174,25 @@ def main() -> None:
                         if previous and previous[1] * len(atoms) / previous[0] > args.max_step_seconds:
                             rows.append({**row, "skipped": True})
                             continue
-                        seconds = md_seconds_per_step(atoms, calc, steps, bf16)
+                        seconds = md_seconds_per_step(atoms, calc, steps, bf16, args.device)
                         search, edges = search_seconds(atoms, model)
                         row.update(seconds=seconds, search=search, edges=edges)
                         rows.append(row)
                         previous = (len(atoms), seconds)
                         print(row, flush=True)
+                        if args.json:
+                            with open(args.json, "a") as file:
+                                file.write(json.dumps({"benchmark": "MD", "device": args.device, **row}) + "\n")
         if not args.quick:
             box = boxes[MOLECULES[0]]
             for cutoff in (3.0, 4.0, 5.0, 6.0):
                 for family in ("EquiformerV1", "E2Former"):
                     path, overrides, _ = MODELS[family]
                     MODELS[family] = (path, {**overrides, "max_radius": cutoff, "max_neighbors": 1000}, None)
-                    calc, model = calculator(family, False, Path(tmp))
+                    calc, model = calculator(family, False, Path(tmp), args.device)
                     MODELS[family] = (path, overrides, None)
                     _, edges = search_seconds(box, model, repeats=1)
-                    seconds = md_seconds_per_step(box, calc, steps, False)
+                    seconds = md_seconds_per_step(box, calc, steps, False, args.device)
                     scaling.append({"model": family, "cutoff": cutoff, "neighbours": edges / len(box), "seconds": seconds})
                     print(scaling[-1], flush=True)
     report(rows, scaling, args)
@@ -197,7 +202,7 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
     date = datetime.date.today().isoformat()
     lines = [
         f"# MD throughput through OCPCalculator ({date})", "",
-        f"Command: `python benchmarks/bench_md.py --threads {args.threads} --steps {args.steps}`"
+        f"Command: `python benchmarks/bench_md.py --threads {args.threads} --steps {args.steps} --device {args.device}`"
         f"{' --quick' if args.quick else ''}. {platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "Periodic water boxes at 1 g/cm^3, velocity Verlet at 1 fs, random weights; search: the neighbour",
         "search alone (it runs inside each step). ns/day at 1 fs per step.", "",
