@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 if [ "${1:-}" = "--cpu" ]; then
   # fp16 has no matrix units on this kind of CPU (an 82-atom tiny step takes minutes): fp32, bf16
-  DEVICE=cpu; MODEL=tiny; STRUCTURES=1; PRECISIONS="fp32 bf16"; MD=(--quick --models EquiformerV2); TESTS="amp_training_on_gpu"
+  DEVICE=cpu; MODEL=tiny; STRUCTURES=1; REPEATS=1; PRECISIONS="fp32 bf16"; MD=(--quick --models EquiformerV2); TESTS="amp_training_on_gpu"
 else
-  DEVICE=cuda; MODEL=31M; STRUCTURES=2; PRECISIONS="fp32 bf16 fp16"; MD=(--models EquiformerV2 EquiformerV3 E2Former --max-step-seconds 5)
+  DEVICE=cuda; MODEL=31M; STRUCTURES=2; REPEATS=3; PRECISIONS="fp32 bf16 fp16"; MD=(--models EquiformerV2 EquiformerV3 E2Former --max-step-seconds 5)
   TESTS="amp_training_on_gpu or autocast or dynamo or compile"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
@@ -22,7 +22,7 @@ $PY -m pytest -q -rs -p no:cacheprovider tests/test_training.py tests/test_equif
 for precision in $PRECISIONS; do
   echo "== EquiformerV2 $MODEL against fairchem's, $precision"
   $PY benchmarks/bench_equiformer_v2.py --device "$DEVICE" --model "$MODEL" --precision "$precision" \
-    --structures "$STRUCTURES" --repeats 3 --threads "${OMP_NUM_THREADS:-2}" --json "$RESULTS"
+    --structures "$STRUCTURES" --repeats "$REPEATS" --threads "${OMP_NUM_THREADS:-2}" --json "$RESULTS"
 done
 echo "== MD through OCPCalculator"
 $PY benchmarks/bench_md.py --device "$DEVICE" --threads "${OMP_NUM_THREADS:-2}" "${MD[@]}" --json "$RESULTS"
