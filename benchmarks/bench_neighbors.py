@@ -51,7 +51,9 @@ def best_of(function, repeats: int) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reference-max-atoms", type=int, default=2048, help="fairchem's search above: memory")
+    parser.add_argument(
+        "--reference-max-atoms", type=int, default=2048, help="fairchem's search above: memory"
+    )
     parser.add_argument("--model-max-atoms", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -75,30 +77,40 @@ def main() -> None:
         row = {"atoms": atoms, "edges": edges.shape[1], "ours": t_ours, "cluster": t_cluster}
         if atoms <= args.reference_max_atoms:
             t_ref, (ref_edges, ref_offsets, _) = best_of(
-                lambda: radius_graph_pbc(batch, RADIUS, MAX_NEIGHBORS, False), args.repeats
+                lambda batch=batch: radius_graph_pbc(batch, RADIUS, MAX_NEIGHBORS, False), args.repeats
             )
             row["reference"] = t_ref
             row["same"] = torch.equal(ref_edges, edges) and torch.equal(ref_offsets.float(), offsets)
         if atoms <= args.model_max_atoms:
-            t_model, _ = best_of(lambda: model(batch), max(1, args.repeats - 1))
+            t_model, _ = best_of(lambda batch=batch: model(batch), max(1, args.repeats - 1))
             row["model"] = t_model
         rows.append(row)
         print(row, flush=True)
 
-    print(f"\n{args.threads} thread(s); cutoff {RADIUS} A, max_neighbors {MAX_NEIGHBORS} (non-strict); best of {args.repeats}\n")
-    print("| atoms | edges | search ms | us/atom | fairchem ms | fairchem / ours | same edges | cluster search ms "
-          "| small V2 energy+forces s | ms/atom | us/edge | search share |")
+    print(
+        f"\n{args.threads} thread(s); cutoff {RADIUS} A, max_neighbors {MAX_NEIGHBORS} (non-strict); best of {args.repeats}\n"
+    )
+    print(
+        "| atoms | edges | search ms | us/atom | fairchem ms | fairchem / ours | same edges | cluster search ms "
+        "| small V2 energy+forces s | ms/atom | us/edge | search share |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        ref = f"{1e3 * r['reference']:,.1f} | x{r['reference'] / r['ours']:,.1f} | {'yes' if r['same'] else 'NO'}" if "reference" in r else "- | - | -"
+        ref = (
+            f"{1e3 * r['reference']:,.1f} | x{r['reference'] / r['ours']:,.1f} | {'yes' if r['same'] else 'NO'}"
+            if "reference" in r
+            else "- | - | -"
+        )
         model = (
             f"{r['model']:.2f} | {1e3 * r['model'] / r['atoms']:.2f} | {1e6 * r['model'] / r['edges']:.1f} | "
             f"{r['ours'] / r['model']:.1%}"
             if "model" in r
             else "- | - | - | -"
         )
-        print(f"| {r['atoms']:,} | {r['edges']:,} | {1e3 * r['ours']:,.1f} | {1e6 * r['ours'] / r['atoms']:.1f} | {ref} "
-              f"| {1e3 * r['cluster']:,.1f} | {model} |")
+        print(
+            f"| {r['atoms']:,} | {r['edges']:,} | {1e3 * r['ours']:,.1f} | {1e6 * r['ours'] / r['atoms']:.1f} | {ref} "
+            f"| {1e3 * r['cluster']:,.1f} | {model} |"
+        )
 
 
 if __name__ == "__main__":
