@@ -93,7 +93,10 @@ def calculator(family: str, direct: bool, workdir: Path, device: str = "cpu") ->
     torch.manual_seed(0)
     network = registry.get_model_class(kwargs.pop("name"))(**kwargs)
     checkpoint = workdir / f"{family}_{'direct' if direct else 'gradient'}.pt"
-    torch.save({"state_dict": network.state_dict(), "config": full, "normalizers": {}, "ema": None, "amp": None}, checkpoint)
+    torch.save(
+        {"state_dict": network.state_dict(), "config": full, "normalizers": {}, "ema": None, "amp": None},
+        checkpoint,
+    )
     return OCPCalculator(checkpoint_path=str(checkpoint), cpu=device == "cpu", seed=0), model
 
 
@@ -111,7 +114,9 @@ def search_seconds(atoms: Atoms, model: dict, repeats: int = 3) -> tuple[float, 
     return best, edges
 
 
-def md_seconds_per_step(atoms: Atoms, calc: OCPCalculator, steps: int, bf16: bool, device: str = "cpu") -> float:
+def md_seconds_per_step(
+    atoms: Atoms, calc: OCPCalculator, steps: int, bf16: bool, device: str = "cpu"
+) -> float:
     """Velocity Verlet at 1 fs from 300 K velocities: one step to warm up, then ``steps`` timed."""
     atoms = atoms.copy()
     atoms.calc = calc
@@ -182,7 +187,9 @@ def main() -> None:
                         print(row, flush=True)
                         if args.json:
                             with open(args.json, "a") as file:
-                                file.write(json.dumps({"benchmark": "MD", "device": args.device, **row}) + "\n")
+                                file.write(
+                                    json.dumps({"benchmark": "MD", "device": args.device, **row}) + "\n"
+                                )
         if not args.quick:
             box = boxes[MOLECULES[0]]
             for cutoff in (3.0, 4.0, 5.0, 6.0):
@@ -193,7 +200,14 @@ def main() -> None:
                     MODELS[family] = (path, overrides, None)
                     _, edges = search_seconds(box, model, repeats=1)
                     seconds = md_seconds_per_step(box, calc, steps, False, args.device)
-                    scaling.append({"model": family, "cutoff": cutoff, "neighbours": edges / len(box), "seconds": seconds})
+                    scaling.append(
+                        {
+                            "model": family,
+                            "cutoff": cutoff,
+                            "neighbours": edges / len(box),
+                            "seconds": seconds,
+                        }
+                    )
                     print(scaling[-1], flush=True)
     report(rows, scaling, args)
 
@@ -211,7 +225,9 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
     ]  # fmt: skip
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['model']} | {r['forces']} | {r['precision']} | {r['atoms']:,} | | skipped (> {args.max_step_seconds:g} s predicted) | | | | | |")
+            lines.append(
+                f"| {r['model']} | {r['forces']} | {r['precision']} | {r['atoms']:,} | | skipped (> {args.max_step_seconds:g} s predicted) | | | | | |"
+            )
             continue
         rate = 1 / r["seconds"]
         lines.append(
@@ -219,7 +235,9 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
             f"{rate:.2f} | {rate * 86400 * 1e-6:.4f} | {1e3 * r['seconds'] / r['atoms']:.2f} | {1e3 * r['search']:.1f} | "
             f"{r['search'] / r['seconds']:.1%} |"
         )
-    fp32 = {(r["model"], r["forces"], r["atoms"]): r for r in rows if r["precision"] == "fp32" and "seconds" in r}
+    fp32 = {
+        (r["model"], r["forces"], r["atoms"]): r for r in rows if r["precision"] == "fp32" and "seconds" in r
+    }
     ratios = [
         f"{r['model']} {r['forces']} {r['atoms']}: x{fp32[(r['model'], r['forces'], r['atoms'])]['seconds'] / r['seconds']:.2f}"
         for r in rows
@@ -230,8 +248,13 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
         lines += ["", f"E2Former against EquiformerV1, gradient forces, fp32, {MOLECULES[0] * 3} atoms, growing cutoff:", "",
                   "| cutoff A | neighbours per atom | EquiformerV1 s/step | E2Former s/step | V1 / E2Former |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
         for cutoff in sorted({s["cutoff"] for s in scaling}):
-            v1, e2 = (next(s for s in scaling if s["cutoff"] == cutoff and s["model"] == m) for m in ("EquiformerV1", "E2Former"))
-            lines.append(f"| {cutoff:g} | {v1['neighbours']:.1f} | {v1['seconds']:.3f} | {e2['seconds']:.3f} | x{v1['seconds'] / e2['seconds']:.2f} |")
+            v1, e2 = (
+                next(s for s in scaling if s["cutoff"] == cutoff and s["model"] == m)
+                for m in ("EquiformerV1", "E2Former")
+            )
+            lines.append(
+                f"| {cutoff:g} | {v1['neighbours']:.1f} | {v1['seconds']:.3f} | {e2['seconds']:.3f} | x{v1['seconds'] / e2['seconds']:.2f} |"
+            )
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.quick:
@@ -253,7 +276,9 @@ def plot(rows: list[dict], path: str) -> None:
     series = {}
     for r in rows:
         if "seconds" in r:
-            series.setdefault(f"{r['model']} {r['forces']} {r['precision']}", []).append((r["atoms"], r["seconds"]))
+            series.setdefault(f"{r['model']} {r['forces']} {r['precision']}", []).append(
+                (r["atoms"], r["seconds"])
+            )
     for label, points in series.items():
         x, y = zip(*points)
         axis.plot(x, y, "o--" if "bf16" in label else "o-", label=label)

@@ -16,7 +16,14 @@ from torch import nn
 
 from fairchem_equiformers import EquiformerV2
 
-from .test_equiformer_v2_parity import BASE, CONFIGS, ENERGY_TOLERANCE, FORCE_TOLERANCE, build_pair, relative_error
+from .test_equiformer_v2_parity import (
+    BASE,
+    CONFIGS,
+    ENERGY_TOLERANCE,
+    FORCE_TOLERANCE,
+    build_pair,
+    relative_error,
+)
 
 CONFIG = {**BASE, **CONFIGS["L4M3_3layers_gate_ln_linref"]}
 

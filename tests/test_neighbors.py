@@ -30,7 +30,9 @@ SYSTEMS = {
 
 
 @pytest.mark.parametrize("system", sorted(SYSTEMS))
-@pytest.mark.parametrize("max_neighbors,strict", [(100, False), (12, True), (12, False), (20, True), (20, False)])
+@pytest.mark.parametrize(
+    "max_neighbors,strict", [(100, False), (12, True), (12, False), (20, True), (20, False)]
+)
 def test_same_edges_as_fairchem(system, max_neighbors, strict):
     batch = to_batch(SYSTEMS[system]())
     expected_edges, expected_offsets, _ = radius_graph_pbc(batch, 6.0, max_neighbors, strict)
@@ -52,7 +54,9 @@ def test_partly_periodic_slab_as_fairchem():
     edges, offsets = radius_graph(batch.pos, batch.natoms, batch.cell, batch.pbc, 6.0, 100, False)
     assert torch.equal(edges, expected_edges) and torch.equal(offsets, expected_offsets.float())
     assert (offsets[:, 2] == 0).all()
-    everywhere, _ = radius_graph(batch.pos, batch.natoms, batch.cell, torch.ones(1, 3, dtype=torch.bool), 6.0, 100, False)
+    everywhere, _ = radius_graph(
+        batch.pos, batch.natoms, batch.cell, torch.ones(1, 3, dtype=torch.bool), 6.0, 100, False
+    )
     assert everywhere.shape[1] > edges.shape[1]
 
 

@@ -64,7 +64,14 @@ def test_wigner_columns_rotate_harmonics():
 
 @pytest.mark.parametrize(
     "direction",
-    [[0.0, 1.0, 0.0], [0.0, -2.0, 0.0], [1e-9, 1.0, 0.0], [0.3, -0.2, 0.9], list(FRAME_POLE), [-c for c in FRAME_POLE]],
+    [
+        [0.0, 1.0, 0.0],
+        [0.0, -2.0, 0.0],
+        [1e-9, 1.0, 0.0],
+        [0.3, -0.2, 0.9],
+        list(FRAME_POLE),
+        [-c for c in FRAME_POLE],
+    ],
 )
 def test_edge_frame_puts_edge_on_polar_axis(direction):
     layout = SphericalLayout(4, 4)
