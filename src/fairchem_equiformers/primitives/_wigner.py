@@ -51,9 +51,8 @@ def swap_matrix(l: int) -> torch.Tensor:
 
 
 # The frame's poles are the edges along +-FRAME_POLE (a unit vector).
-FRAME_POLE = tuple(
-    c / math.hypot(-0.7530452, 0.65019034, 0.1008734) for c in (-0.7530452, 0.65019034, 0.1008734)
-)
+_POLE = (-0.7530452, 0.65019034, 0.1008734)
+FRAME_POLE = tuple(c / math.hypot(*_POLE) for c in _POLE)
 
 
 @cache
