@@ -279,9 +279,10 @@ def plot(rows: list[dict], path: str) -> None:
             series.setdefault(f"{r['model']} {r['forces']} {r['precision']}", []).append(
                 (r["atoms"], r["seconds"])
             )
-    for label, points in series.items():
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(series), 2)))
+    for color, (label, points) in zip(colors, series.items()):
         x, y = zip(*points)
-        axis.plot(x, y, "o--" if "bf16" in label else "o-", label=label)
+        axis.plot(x, y, "o--" if "bf16" in label else "o-", color=color, label=label)
     axis.set(xscale="log", yscale="log", xlabel="atoms (water)", ylabel="seconds per MD step",
              title="MD step time through OCPCalculator (CPU)")  # fmt: skip
     axis.legend(fontsize=7)
