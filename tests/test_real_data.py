@@ -99,7 +99,7 @@ def acac(tmp_path_factory) -> Path:
     return out
 
 
-def train_and_test(dataset: Path, name: str, model: dict, tmp_path: Path, epochs: int, stress: bool = False,
+def train_and_test(dataset: Path, name: str, model: dict, tmp_path: Path, epochs: int, stress: float = 0,
                    batch_size: int = 8, lr: float = 5e-3) -> dict[str, float]:  # fmt: skip
     """Train ``model`` with the plugin's trainer on ``dataset``'s train split; test-split metrics."""
     section = yaml.safe_load((dataset / "dataset.yml").read_text())["dataset"]
@@ -121,7 +121,7 @@ def train_and_test(dataset: Path, name: str, model: dict, tmp_path: Path, epochs
     metrics = {"energy": ["mae"], "forces": ["mae"]}
     if stress:
         config["outputs"]["stress"] = {"shape": 9, "level": "system"}
-        config["loss_functions"].append({"stress": {"fn": "mae", "coefficient": 10}})
+        config["loss_functions"].append({"stress": {"fn": "mae", "coefficient": stress}})
         metrics["stress"] = ["mae"]
     config["evaluation_metrics"]["metrics"] = metrics
     with make_trainer(tmp_path, config, name) as trainer:
@@ -164,15 +164,16 @@ def test_equiformer_v2_learns_periodic_dft_data_with_stress(tmp_path):
     baseline["stress_mae"] = float(np.mean(np.abs(stresses - stresses.mean(0))))
     model = {**V2, "regress_stress": True}
     metrics = train_and_test(
-        out, "EquiformerV2", model, tmp_path, epochs=8, stress=True, batch_size=4, lr=1e-2
+        out, "EquiformerV2", model, tmp_path, epochs=8, stress=100, batch_size=4, lr=1e-2
     )
     ratios = {key: metrics[key] / baseline[key] for key in baseline}
     print(f"Si: {metrics}; mean predictor {baseline}; ratios {ratios}")
-    # measured (mean predictor: energy 18.2 eV, forces 0.566 eV/A, stress 8.3 meV/A^3) with the edge
-    # frame's pole along FRAME_POLE: energy 0.106, forces 0.679, stress 0.715; with three other pole
-    # directions (a frame convention, which changes the S2-grid model by its grid error and this
-    # short run by more): energy 0.096-0.127, forces 0.629-0.661, stress 0.513-0.700
-    assert ratios["energy_mae"] < 0.2 and ratios["forces_mae"] < 0.75 and ratios["stress_mae"] < 0.8
+    # The stress loss coefficient is 100 (eV/A^3 MAE): at 10, stress was 1% of the loss and whether the
+    # 8 epochs learned it depended on the summation order (ratio 0.72 on one thread, 1.00 on two).
+    # Measured 2026-12-06 (mean predictor: energy 18.2 eV, forces 0.566 eV/A, stress 8.3 meV/A^3),
+    # seeds 0-3 on two threads and seed 0 on one: energy 0.075-0.168, forces 0.646-0.679,
+    # stress 0.419-0.550.
+    assert ratios["energy_mae"] < 0.25 and ratios["forces_mae"] < 0.75 and ratios["stress_mae"] < 0.7
 
 
 def test_gradient_models_refuse_two_normalizer_scales(acac, tmp_path):
