@@ -20,6 +20,7 @@ from .equiformer_v2 import EquiformerV2, EquiformerV2Backbone, EquiformerV2Energ
 from .equiformer_v3 import (
     EquiformerV3,
     EquiformerV3Backbone,
+    EquiformerV3DeNS,
     EquiformerV3EnergyHead,
     EquiformerV3ForceHead,
     EquiformerV3StressHead,
@@ -48,6 +49,7 @@ __all__ = [
     "EquiformerV2ForceHead",
     "EquiformerV3",
     "EquiformerV3Backbone",
+    "EquiformerV3DeNS",
     "EquiformerV3EnergyHead",
     "EquiformerV3ForceHead",
     "EquiformerV3StressHead",
