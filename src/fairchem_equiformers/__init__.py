@@ -16,7 +16,13 @@ from .equiformer_v1 import (
     EquiformerV1EnergyHead,
     EquiformerV1ForceHead,
 )
-from .equiformer_v2 import EquiformerV2, EquiformerV2Backbone, EquiformerV2EnergyHead, EquiformerV2ForceHead
+from .equiformer_v2 import (
+    EquiformerV2,
+    EquiformerV2Backbone,
+    EquiformerV2DeNS,
+    EquiformerV2EnergyHead,
+    EquiformerV2ForceHead,
+)
 from .equiformer_v3 import (
     EquiformerV3,
     EquiformerV3Backbone,
@@ -45,6 +51,7 @@ __all__ = [
     "EquiformerV1ForceHead",
     "EquiformerV2",
     "EquiformerV2Backbone",
+    "EquiformerV2DeNS",
     "EquiformerV2EnergyHead",
     "EquiformerV2ForceHead",
     "EquiformerV3",

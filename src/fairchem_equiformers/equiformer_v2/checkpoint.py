@@ -6,7 +6,11 @@ Accepted layouts, in ``model.load_state_dict`` and in fairchem's ``--checkpoint`
   ``force_block.*``) with any number of ``module.`` prefixes, including the thousands of
   per-block copies of constant buffers (grids, index tables), which are checked and dropped;
 * fairchem's backbone+heads layout (``backbone.*``, ``output_heads.energy.energy_block.*``,
-  ``output_heads.forces.force_block.*``).
+  ``output_heads.forces.force_block.*``);
+* fairchem's hydra DeNS layout, into ``EquiformerV2DeNS`` (``backbone.*`` with
+  ``backbone.force_embedding.*``, ``output_heads.energy.scalar_block.*`` -> ``energy_block.*``,
+  ``output_heads.forces.vector_block.*`` -> ``force_block.*``,
+  ``output_heads.forces.denoising_pos_block.*`` -> ``denoising_pos_block.*``).
 
 Parameter names are otherwise identical, so every parameter maps one to one. Keys that match
 nothing in the model raise an error naming them; missing keys are reported by torch (or by
@@ -32,6 +36,9 @@ DERIVED_BUFFERS = {
 HEAD_PREFIXES = {
     "output_heads.energy.energy_block.": "energy_block.",
     "output_heads.forces.force_block.": "force_block.",
+    "output_heads.energy.scalar_block.": "energy_block.",  # DeNS heads
+    "output_heads.forces.vector_block.": "force_block.",
+    "output_heads.forces.denoising_pos_block.": "denoising_pos_block.",
     "backbone.": "",
 }
 
