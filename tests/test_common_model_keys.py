@@ -35,6 +35,8 @@ TINY = {
     "DEQEquiformerV1": {**TINY_DEQ_V1, **DEQ_SOLVER},
     "E2Former": {**TINY_E2FORMER, "num_layers": 1},
     "EquiformerV3": {**TINY_V3, "num_layers": 1, "direct_prediction": False, "avg_num_nodes": 1.0},
+    "EquiformerV2DeNS": {**TINY_V2, "num_layers": 1},
+    "EquiformerV3DeNS": {**TINY_V3, "num_layers": 1, "avg_num_nodes": 1.0},
 }
 # every registered model with the keys at the top level: backbones and heads are parts of these,
 # and the general ``DEQ`` takes them in its ``backbone:`` section (``DEQEquiformerV2``/``V1`` are

@@ -14,7 +14,9 @@ from fairchem_equiformers import (
     E2Former,
     EquiformerV1,
     EquiformerV2,
+    EquiformerV2DeNS,
     EquiformerV3,
+    EquiformerV3DeNS,
 )
 from fairchem_equiformers.deq import DEQ, DEQBackbone
 
@@ -564,6 +566,54 @@ class TestEquiformerV3Stress(ModelBattery):
         edge_chunks=NO_EDGE_CHUNKS,
         force_loss_constant=CONSTANT_V3,
         perturbation=0.3,
+    )
+
+
+# The DeNS models on ordinary batches (their denoising input and head are checked in
+# test_denoising.py and test_equiformer_v2_dens.py): the plain models' checks and bounds.
+DENS_HEAD_UNUSED = (
+    "the denoising head's output replaces the forces of noisy atoms only: none in an ordinary batch"
+)
+V3_FORCE_ENCODING_UNUSED = (
+    "EquiformerV3's force encoding is masked to the noisy atoms: zero in an ordinary batch"
+)
+
+
+def parameters_under(model_class: type, kwargs: dict, prefix: str, reason: str) -> dict[str, str]:
+    """``{name: reason}`` for every trainable parameter of the model under ``prefix``."""
+    parameters = model_class(**kwargs).named_parameters()
+    names = [name for name, p in parameters if name.startswith(prefix) and p.requires_grad]
+    assert names, prefix
+    return dict.fromkeys(names, reason)
+
+
+class TestEquiformerV2DeNS(ModelBattery):
+    config = BatteryConfig(
+        EquiformerV2DeNS,
+        V2_GATE,
+        TestEquiformerV2Direct.config.tolerances,
+        direct_forces=True,
+        no_gradient={
+            **TestEquiformerV2Direct.config.no_gradient,
+            **parameters_under(EquiformerV2DeNS, V2_GATE, "denoising_pos_block.", DENS_HEAD_UNUSED),
+            "force_embedding.weight": "only the degree-0 bias of the force encoding reaches an ordinary "
+            "batch",
+        },
+    )
+
+
+class TestEquiformerV3DeNS(ModelBattery):
+    config = BatteryConfig(
+        EquiformerV3DeNS,
+        V3_GATE,
+        TestEquiformerV3Direct.config.tolerances,
+        direct_forces=True,
+        edge_chunks=NO_EDGE_CHUNKS,
+        no_gradient={
+            **TestEquiformerV3Direct.config.no_gradient,
+            **parameters_under(EquiformerV3DeNS, V3_GATE, "dens_block.", DENS_HEAD_UNUSED),
+            **parameters_under(EquiformerV3DeNS, V3_GATE, "force_embedding.", V3_FORCE_ENCODING_UNUSED),
+        },
     )
 
 

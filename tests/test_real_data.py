@@ -100,7 +100,7 @@ def acac(tmp_path_factory) -> Path:
 
 
 def train_and_test(dataset: Path, name: str, model: dict, tmp_path: Path, epochs: int, stress: float = 0,
-                   batch_size: int = 8, lr: float = 5e-3) -> dict[str, float]:  # fmt: skip
+                   batch_size: int = 8, lr: float = 5e-3, **optim_keys) -> dict[str, float]:  # fmt: skip
     """Train ``model`` with the plugin's trainer on ``dataset``'s train split; test-split metrics."""
     section = yaml.safe_load((dataset / "dataset.yml").read_text())["dataset"]
     section["val"] = section.pop("test")
@@ -113,6 +113,7 @@ def train_and_test(dataset: Path, name: str, model: dict, tmp_path: Path, epochs
         "scheduler_params": {"lambda_type": "cosine", "warmup_epochs": 0.5, "warmup_factor": 0.2,
                              "lr_min_factor": 0.01},
         "optimizer_params": {"weight_decay": 0.0},
+        **optim_keys,
     }  # fmt: skip
     config = s2ef_config(section, {"name": f"fairchem_equiformers.{name}", **model}, **optim)
     config["trainer"] = "fairchem_equiformers.ForcesTrainer"

@@ -51,7 +51,9 @@ def denoising_inputs(data) -> DenoisingInputs:
     return DenoisingInputs(
         forces=data.forces.to(data.pos.dtype),
         noise_mask=(
-            torch.ones(num_atoms, dtype=torch.bool, device=device) if noise_mask is None else noise_mask.view(-1).bool()
+            torch.ones(num_atoms, dtype=torch.bool, device=device)
+            if noise_mask is None
+            else noise_mask.view(-1).bool()
         ),
         structure_mask=(
             torch.ones(num_graphs, dtype=torch.bool, device=device)

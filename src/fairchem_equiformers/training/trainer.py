@@ -32,7 +32,10 @@ losses, evaluation, logging and distributed training are the host's):
   logged, checkpoint keys the model lacks are an error naming them. ``--checkpoint`` (resuming)
   loads after it and wins;
 * a training set with ``set_epoch`` (``NoisyNodesLmdbDataset``) is told the epoch before each
-  one, which switches on and seeds its perturbations (val/test sets are never told).
+  one, which switches on and seeds its perturbations (val/test sets are never told);
+* DeNS (``optim.use_denoising_pos``, the official EquiformerV3 and fairchem EquiformerV2 keys;
+  ``denoising.py``) for the DeNS models: training batches corrupted with the given probability,
+  the noise trained beside the forces, DeNS batches' metrics logged apart (``denoising_*``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import signal
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 from fairchem.core.common import distutils
 from fairchem.core.common.registry import registry
@@ -51,7 +55,9 @@ from fairchem.core.modules.exponential_moving_average import ExponentialMovingAv
 from fairchem.core.trainers import OCPTrainer
 
 from fairchem_equiformers.deq import DEQBackbone
+from fairchem_equiformers.heads.denoising import ForceEncoding
 
+from . import denoising
 from .param_groups import parameter_groups
 from .schedule import LRScheduler
 
@@ -61,6 +67,7 @@ OPTIM_KEYS = {
     "optimizer", "optimizer_params", "lr_initial", "scheduler", "scheduler_params", "max_epochs",
     "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
     "checkpoint_format", "load_datasets_and_model_then_exit", "load_pretrained_weights",
+    *denoising.OPTIM_KEYS,
 }  # fmt: skip
 
 
@@ -149,6 +156,15 @@ class ForcesTrainer(OCPTrainer):
         check_optim_keys(kwargs.get("optimizer") or {})
         super().__init__(*args, **kwargs)
         self.config["trainer"] = "fairchem_equiformers.ForcesTrainer"
+        self.denoising = denoising.DenoisingParams.from_optim(self.config["optim"])
+        if self.denoising is not None and not any(
+            isinstance(module, ForceEncoding) for module in self._unwrapped_model.modules()
+        ):
+            raise ValueError(
+                f"optim.use_denoising_pos needs a DeNS model (fairchem_equiformers.EquiformerV2DeNS or "
+                f"EquiformerV3DeNS, which take the forces as input), got "
+                f"{type(self._unwrapped_model).__name__}"
+            )
 
     def load_model(self) -> None:
         super().load_model()
@@ -233,9 +249,60 @@ class ForcesTrainer(OCPTrainer):
         for index, (start, final) in self._coefficient_ranges.items():
             self.loss_functions[index][1]["coefficient"] = start + (final - start) * progress
 
+    def _forward(self, batch):
+        """The host's forward; in training with DeNS, the batch (the loop's own object, which the
+        loss and metrics then read) first becomes a DeNS batch with probability ``prob``."""
+        params = self.denoising
+        if params is not None and self.model.training:
+            early = params.early_epochs is None or self.epoch <= params.early_epochs
+            if early and np.random.rand() < params.prob:
+                denoising.corrupt(batch.to(self.device), params)
+        return super()._forward(batch)
+
+    def _host_loss(self, out, batch) -> torch.Tensor:
+        """The host's loss; for a DeNS batch with its ``forces`` term replaced by the DeNS one."""
+        if not denoising.is_denoising(batch) or self.denoising is None:
+            return super()._compute_loss(out, batch)
+        everything = self.loss_functions
+        forces = [(name, info) for name, info in everything if name == "forces"]
+        self.loss_functions = [(name, info) for name, info in everything if name != "forces"]
+        try:
+            loss = super()._compute_loss(out, batch) if self.loss_functions else 0.0
+        finally:
+            self.loss_functions = everything
+        for _, info in forces:
+            target = batch.forces
+            if "forces" in self.normalizers:
+                target = self.normalizers["forces"].norm(target)
+            total_steps = len(self.train_loader) * self.config["optim"]["max_epochs"]
+            loss = loss + denoising.denoising_force_loss(
+                out["forces"], batch, target,
+                force_coefficient=info["coefficient"],
+                noise_coefficient=self.denoising.coefficient_at(self.step / total_steps),
+                std=self.denoising.std, loss_fn=info["fn"],
+                free_atoms_only=self.output_targets["forces"].get("train_on_free_atoms", False),
+                all_atoms=self.denoising.all_atoms,
+            )  # fmt: skip
+        return loss
+
+    def _compute_metrics(self, out, batch, evaluator, metrics=None):
+        if not denoising.is_denoising(batch) or self.denoising is None:
+            return super()._compute_metrics(out, batch, evaluator, metrics)
+        metrics = {} if metrics is None else metrics
+        normalizer = self.normalizers.get("forces")
+        found = denoising.denoising_metrics(
+            out, batch, (lambda f: normalizer.denorm(f)) if normalizer is not None else (lambda f: f),
+            self.denoising.std, self.output_targets["forces"].get("eval_on_free_atoms", False),
+        )  # fmt: skip
+        for name, (total, numel) in found.items():
+            metrics = evaluator.update(
+                name, {"metric": total / numel, "total": total, "numel": numel}, metrics
+            )
+        return metrics
+
     def _compute_loss(self, out, batch) -> torch.Tensor:
         self._update_loss_coefficients()
-        loss = super()._compute_loss(out, batch)
+        loss = self._host_loss(out, batch)
         for deq in (m for m in self._unwrapped_model.modules() if isinstance(m, DEQBackbone)):
             # the DEQ's declared outputs: stabiliser losses (training only) and solver statistics
             if self.model.training and deq.deq_auxiliary_loss is not None:
