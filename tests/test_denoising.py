@@ -6,6 +6,7 @@ end to end through fairchem's launcher on real DFT data."""
 
 from __future__ import annotations
 
+import logging
 import os
 import types
 
@@ -276,3 +277,25 @@ def test_dens_needs_a_dens_model(acac, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="optim.use_denoising_pos needs a DeNS model .* got EquiformerV3"):
         with make_trainer(tmp_path, config, "plain"):
             pass
+
+
+def test_a_dens_direct_checkpoint_starts_a_gradient_fine_tune(caplog):
+    """The official recipe: the DeNS direct model's weights into a gradient EquiformerV3 (direct
+    heads, force encoding and denoising head dropped with warnings); same energy on an ordinary
+    batch, forces -dE/dpos."""
+    config = dict(CONFIGS[MODEL_CONFIGS[0]], regress_stress=True)
+    official, direct = twins(config)
+    gradient = EquiformerV3(**dict(config, direct_prediction=False))
+    with caplog.at_level(logging.WARNING):
+        gradient.load_state_dict(official.state_dict(), strict=True)
+    assert "direct heads" in caplog.text and "force encoding and denoising head" in caplog.text
+    gradient._edge_rotation = direct._edge_rotation
+    direct.eval()
+    gradient.eval()
+    with fixed_frame_vectors():
+        a, b = direct(dens_batch("bulk", "plain")), gradient(dens_batch("bulk", "plain"))
+    assert torch.allclose(a["energy"], b["energy"], rtol=1e-6, atol=0) and set(b) == {
+        "energy",
+        "forces",
+        "stress",
+    }

@@ -10,9 +10,11 @@ radial basis, cutoff) and dropped; ``SO3Linear`` biases ``[1, 1, C]`` become ``[
 other key maps one to one; a key that matches nothing is an error naming it, and missing keys
 are torch's (strict) error.
 
-One exception: a gradient model (``direct_prediction: false``) has no direct heads, and a
-checkpoint's ``force_block.*`` / ``stress_block.*`` are skipped with a warning, so that a
-direct checkpoint starts a gradient fine-tune (the official recipe).
+Two exceptions, each skipped with a warning, so that a direct DeNS checkpoint starts a gradient
+fine-tune (the official recipe): a gradient model (``direct_prediction: false``) has no direct
+heads, so a checkpoint's ``force_block.*`` / ``stress_block.*`` are not loaded; and a model
+without DeNS (``EquiformerV3``, not ``EquiformerV3DeNS``) has no force encoding or denoising
+head, so a DeNS checkpoint's ``force_embedding.*`` / ``dens_block.*`` are not loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DERIVED_BUFFERS = {
 }  # fmt: skip
 PREFIXES = ("module.", "_orig_mod.")
 DIRECT_HEADS = ("force_block.", "stress_block.")
+DENS_PARTS = ("force_embedding.", "dens_block.")
 
 
 def canonical_key(key: str) -> str:
@@ -83,7 +86,7 @@ def register_official_layout(model: nn.Module) -> None:
 
     def hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         own = module.state_dict()
-        unknown, skipped = [], []
+        unknown, skipped, skipped_dens = [], [], []
         for key in [k for k in state_dict if k.startswith(prefix)]:
             value = state_dict.pop(key)
             name = canonical_key(key[len(prefix) :])
@@ -97,6 +100,8 @@ def register_official_layout(model: nn.Module) -> None:
                 _check_constant(module, name, value)
             elif name.startswith(DIRECT_HEADS) and not module.direct_prediction:
                 skipped.append(key)
+            elif name.startswith(DENS_PARTS) and not hasattr(module, "force_embedding"):
+                skipped_dens.append(key)
             else:
                 unknown.append(key)
         if skipped:
@@ -104,6 +109,12 @@ def register_official_layout(model: nn.Module) -> None:
                 f"{type(module).__name__} is a gradient model (direct_prediction: false), so the "
                 f"checkpoint's direct heads ({len(skipped)} force_block.* / stress_block.* tensors) are "
                 "not loaded: forces and stress are derivatives of the loaded energy model"
+            )
+        if skipped_dens:
+            logging.warning(
+                f"{type(module).__name__} has no DeNS inputs, so the checkpoint's force encoding and "
+                f"denoising head ({len(skipped_dens)} force_embedding.* / dens_block.* tensors) are "
+                "not loaded"
             )
         if unknown:
             shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
