@@ -30,12 +30,14 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yml"))
 CONFIG_IDS = [str(path.relative_to(CONFIG_DIR)) for path in CONFIGS]
 RELAX_CONFIGS = [path for path in CONFIGS if "relax" in yaml.safe_load(path.read_text())["dataset"]]
-NOISY_NODES = "fairchem_equiformers.NoisyNodesLmdbDataset"
-# The EquiformerV3 configs: the official equiformer_v3 recipes that do not need DeNS (see their headers).
-V3_CONFIGS = [
-    path for path in CONFIGS
-    if yaml.safe_load(path.read_text())["model"]["name"] == "fairchem_equiformers.EquiformerV3"
-]  # fmt: skip  # trains on IS2RE records (relaxed positions)
+NOISY_NODES = "fairchem_equiformers.NoisyNodesLmdbDataset"  # trains on IS2RE records (relaxed positions)
+# The EquiformerV3 configs, the official recipes (see their headers), by plugin model: the official model
+# of the same kind (`equiformer_v3`, or `equiformer_v3_dens` for the DeNS direct pre-training recipes).
+V3_MODELS = {
+    "fairchem_equiformers.EquiformerV3": "equiformer_v3",
+    "fairchem_equiformers.EquiformerV3DeNS": "equiformer_v3_dens",
+}
+V3_CONFIGS = [path for path in CONFIGS if yaml.safe_load(path.read_text())["model"]["name"] in V3_MODELS]
 
 # Parameter counts of the released checkpoints (README), by shipped config.
 RELEASED_PARAMETERS = {
@@ -282,10 +284,10 @@ def test_released_recipe(name):
 
 @pytest.mark.parametrize("path", V3_CONFIGS, ids=[str(p.relative_to(CONFIG_DIR)) for p in V3_CONFIGS])
 def test_v3_config_has_the_official_parameter_count(path):
-    """The plugin's model and the official ``equiformer_v3`` model built from the config's model
-    section have the same number of parameters."""
+    """The plugin's model and the official model of the same kind (``equiformer_v3`` or
+    ``equiformer_v3_dens``) built from the config's model section have the same number of parameters."""
     try:
-        import equiformer_v3  # noqa: F401  (registers the official model as "equiformer_v3")
+        import equiformer_v3  # noqa: F401  (registers the official "equiformer_v3" and "equiformer_v3_dens")
     except ImportError:
         if os.environ.get("CI") is not None:
             raise
@@ -293,22 +295,30 @@ def test_v3_config_has_the_official_parameter_count(path):
     from fairchem.core.common.registry import registry
 
     model_keys = dict(load_shipped(path)["model"])
-    model_keys.pop("name")
+    name = model_keys.pop("name")
     torch.manual_seed(0)
-    official = registry.get_model_class("equiformer_v3")(**copy.deepcopy(model_keys))
-    plugin = registry.get_model_class("fairchem_equiformers.EquiformerV3")(**copy.deepcopy(model_keys))
+    official = registry.get_model_class(V3_MODELS[name])(**copy.deepcopy(model_keys))
+    plugin = registry.get_model_class(name)(**copy.deepcopy(model_keys))
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert count(plugin) == count(official)
 
 
-def test_v3_configs_are_the_official_gradient_and_oc20_recipes():
-    assert sorted(str(p.relative_to(CONFIG_DIR)) for p in V3_CONFIGS) == [
-        "mptrj/equiformer_v3_grad_N@7_L@4_M@2.yml",
-        "oc20/s2ef/2M/equiformer_v3_N@8_L@6_M@2.yml",
-        "omat24/equiformer_v3_grad_N@7_L@4_M@2.yml",
-        "omat24/equiformer_v3_grad_N@7_L@6_M@2.yml",
-        "salex_mptrj/equiformer_v3_grad_N@7_L@4_M@2.yml",
-    ]
+def test_v3_configs_are_the_official_recipes():
+    found = {str(p.relative_to(CONFIG_DIR)): load_shipped(p)["model"]["name"] for p in V3_CONFIGS}
+    dens, plain = "fairchem_equiformers.EquiformerV3DeNS", "fairchem_equiformers.EquiformerV3"
+    assert found == {
+        "mptrj/equiformer_v3_N@7_L@4_M@2.yml": dens,  # the DeNS direct pre-training recipes
+        "omat24/equiformer_v3_N@7_L@4_M@2.yml": dens,
+        "omat24/equiformer_v3_N@7_L@6_M@2.yml": dens,
+        "mptrj/equiformer_v3_grad_N@7_L@4_M@2.yml": plain,  # the gradient fine-tunes
+        "omat24/equiformer_v3_grad_N@7_L@4_M@2.yml": plain,
+        "omat24/equiformer_v3_grad_N@7_L@6_M@2.yml": plain,
+        "salex_mptrj/equiformer_v3_grad_N@7_L@4_M@2.yml": plain,
+        "oc20/s2ef/2M/equiformer_v3_N@8_L@6_M@2.yml": plain,  # the OC20 base
+    }
+    for path in V3_CONFIGS:  # DeNS training exactly where the model has DeNS
+        config = load_shipped(path)
+        assert config["optim"].get("use_denoising_pos", False) == (config["model"]["name"] == dens)
 
 
 def test_launcher_keys_are_not_command_line_keys(tmp_path):
