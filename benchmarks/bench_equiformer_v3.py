@@ -14,7 +14,9 @@ Dropouts are off so that both compute the same function; before timing, the outp
 on the benchmark batch are compared (both given the same edge frames: the official code draws
 each frame's rotation about the edge at random) and the largest relative difference printed.
 Every (implementation, mode) runs in a fresh subprocess so that its peak resident memory is its
-own; ``--rounds`` alternates the implementations and keeps each one's best time.
+own; ``--rounds`` alternates the implementations and keeps each one's best time. ``--compile``
+adds the plugin's model under ``torch.compile`` (inductor, automatic dynamic shapes; the
+compilation happens in the untimed warm-up step) and its outputs against the eager model's.
 
     python benchmarks/bench_equiformer_v3.py --model 2M-base --structures 2 --repeats 3 --rounds 2
 """
@@ -108,6 +110,8 @@ def build(args, impl: str):
         return official
     ours = EquiformerV3(**config)
     ours.load_state_dict(official.state_dict(), strict=True)
+    if impl == "compiled":
+        ours.compile()
     return ours
 
 
@@ -176,13 +180,23 @@ def parity(args) -> dict:
     ours.eval()
     with fixed_frame_vectors(), torch.no_grad():
         expected, actual = official(batch_of(args)), ours(batch_of(args))
-    return {k: float((actual[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected}
+    errors = {k: float((actual[k] - expected[k]).abs().max() / expected[k].abs().max()) for k in expected}
+    if args.compile:  # the compiled model against the eager one (the package's own frames)
+        eager = build(args, "ours").eval()
+        compiled = build(args, "compiled").eval()
+        with torch.no_grad():
+            expected, actual = eager(batch_of(args)), compiled(batch_of(args))
+        errors |= {
+            f"compiled {k}": float((actual[k] - expected[k]).abs().max() / expected[k].abs().max())
+            for k in expected
+        }
+    return errors
 
 
 def run_worker(args, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
            "--structures", str(args.structures), "--repeats", str(args.repeats),
-           "--threads", str(args.threads)]  # fmt: skip
+           "--threads", str(args.threads)] + (["--compile"] if args.compile else [])  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -198,6 +212,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="alternate the implementations, keep each one's best"
     )
+    parser.add_argument("--compile", action="store_true", help="also the plugin under torch.compile")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -206,7 +221,8 @@ def main() -> None:
         return
 
     errors = run_worker(args, "both", "parity")
-    runs = {(impl, mode): [] for mode in ("inference", "train") for impl in ("official", "ours")}
+    impls = ("official", "ours", "compiled") if args.compile else ("official", "ours")
+    runs = {(impl, mode): [] for mode in ("inference", "train") for impl in impls}
     for _ in range(args.rounds):
         for impl, mode in runs:
             runs[(impl, mode)].append(run_worker(args, impl, mode))
@@ -215,11 +231,11 @@ def main() -> None:
     print(f"EquiformerV3 {args.model} ({first['num_params']:,} params), "
           f"batch of {args.structures} structures "
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
-    print("outputs, plugin vs official (max |diff| / max |official|): "
+    print("outputs, plugin vs official (compiled: vs the eager plugin) (max |diff| / max |reference|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))  # fmt: skip
     print(f"{'mode':<10} {'impl':<9} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
     for mode in ("inference", "train"):
-        for impl in ("official", "ours"):
+        for impl in impls:
             r = best[(impl, mode)]
             print(
                 f"{mode:<10} {impl:<9} {r['seconds']:8.3f} {r['atoms_per_second']:9.1f} {r['peak_mib']:9.0f}"
@@ -227,6 +243,10 @@ def main() -> None:
         base, cand = best[("official", mode)], best[("ours", mode)]
         print(f"{mode:<10} {'ratio':<9} speed-up x{base['seconds'] / cand['seconds']:.2f}, "
               f"memory x{cand['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}")  # fmt: skip
+        if args.compile:
+            compiled = best[("compiled", mode)]
+            print(f"{mode:<10} {'compiled':<9} speed-up x{base['seconds'] / compiled['seconds']:.2f} "
+                  f"(x{cand['seconds'] / compiled['seconds']:.2f} the eager plugin)")  # fmt: skip
         if args.rounds > 1:
             ups = [
                 b["seconds"] / c["seconds"] for b, c in zip(runs[("official", mode)], runs[("ours", mode)])

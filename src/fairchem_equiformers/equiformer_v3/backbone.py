@@ -28,6 +28,7 @@ from fairchem_equiformers.primitives import (
     NORMS,
     EdgeRotation,
     GaussianBasis,
+    Graph,
     PolynomialEnvelope,
     RadialMLP,
     S2Grid,
@@ -303,12 +304,26 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             False,
         )
 
-    def embed(self, data) -> tuple[torch.Tensor, EquiformerV3State]:
-        """Checks, graph, edge frames, and the atom plus edge-degree embeddings ``[N, K, C]``."""
+    @torch._dynamo.disable
+    def graph_inputs(self, data) -> tuple[torch.Tensor, torch.Tensor | None, Graph]:
+        """Input checks, the positions (and strain) to differentiate, and the neighbour search:
+        data-dependent, so ``torch.compile`` leaves them to eager mode. Called first in
+        ``forward``: the one graph break is there, and the compiled rest sees only tensors."""
         stress = self.regress_stress and not self.direct_prediction
         pos, strain = gradient_inputs(data, self.conservative, stress)
+        check_structures(
+            data.atomic_numbers.long(), pos, data.natoms, self.max_num_elements,
+            cell=data.cell if self.use_pbc else None, sid=getattr(data, "sid", None),
+        )  # fmt: skip
+        return pos, strain, build_graph(self, data, pos)
+
+    def embed(self, data, inputs=None) -> tuple[torch.Tensor, EquiformerV3State]:
+        """Edge frames and the atom plus edge-degree embeddings ``[N, K, C]``, on the
+        ``graph_inputs`` (computed here unless given)."""
+        if inputs is None:
+            inputs = self.graph_inputs(data)
+        pos, strain, graph = inputs
         atomic_numbers = data.atomic_numbers.long()
-        graph = self._checked_graph(data, pos, atomic_numbers)
         edge_index = graph.edge_index  # [2, E]
         edge_vec = strained(graph.edge_vec, strain, data.batch[edge_index[0]])  # [E, 3]
         distance = edge_vec.norm(dim=-1)  # [E]
@@ -324,16 +339,6 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         x = self.edge_degree_embedding(edges)  # [N, K, C]
         x = torch.cat([x[:, :1] + self.sphere_embedding(atomic_numbers)[:, None], x[:, 1:]], dim=1)
         return x, EquiformerV3State(edges, pos, strain)
-
-    @torch._dynamo.disable
-    def _checked_graph(self, data, pos: torch.Tensor, atomic_numbers: torch.Tensor):
-        """Input checks and the neighbour search: data-dependent, so ``torch.compile`` leaves
-        them to eager mode (the graph break is here, before the blocks)."""
-        check_structures(
-            atomic_numbers, pos, data.natoms, self.max_num_elements,
-            cell=data.cell if self.use_pbc else None, sid=getattr(data, "sid", None),
-        )  # fmt: skip
-        return build_graph(self, data, pos)
 
     def _edge_rotation(self, edge_vec: torch.Tensor) -> EdgeRotation:
         """Per-edge frames: deterministic, from the edge vectors ``[E, 3]``."""
@@ -359,10 +364,15 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
             "strain": state.strain,
         }
 
+    def embeddings(self, data, inputs=None) -> dict:
+        """``embed``, ``interact`` and ``readout``, on the ``graph_inputs`` (computed unless given)."""
+        x, state = self.embed(data, inputs)
+        return self.readout(self.interact(x, state, data), state, data)
+
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict:
-        x, state = self.embed(data)
-        return self.readout(self.interact(x, state, data), state, data)
+        inputs = self.graph_inputs(data)  # alone: the graph break (see EquiformerV3.forward)
+        return self.embeddings(data, inputs)
 
     @property
     def num_params(self) -> int:

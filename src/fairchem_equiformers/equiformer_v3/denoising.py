@@ -29,8 +29,8 @@ class EquiformerV3DeNS(EquiformerV3):
         self.force_embedding = ForceEncoding(self.layout.lmax, self.num_channels, bias_on_every_atom=False)
         self.dens_block = EquiformerV3ForceHead(self) if self.regress_forces else None
 
-    def embed(self, data):
-        x, state = super().embed(data)  # [N, K, C]
+    def embed(self, data, inputs=None):
+        x, state = super().embed(data, inputs)  # [N, K, C]
         return x + self.force_embedding(denoising_inputs(data)), state
 
     def predict(self, data, emb: dict) -> dict[str, torch.Tensor]:

@@ -45,7 +45,10 @@ class EquiformerV3(EquiformerV3Backbone):
 
     @conditional_grad(torch.enable_grad())
     def forward(self, data) -> dict[str, torch.Tensor]:
-        return self.predict(data, super().forward(data))
+        # the neighbour search first, alone in its statement: torch.compile's one graph break is
+        # there, with nothing on the stack (a bound method there would recompile every call)
+        inputs = self.graph_inputs(data)
+        return self.predict(data, self.embeddings(data, inputs))
 
     def predict(self, data, emb: dict) -> dict[str, torch.Tensor]:
         """The heads on the backbone's embeddings ``emb`` (``DEQ`` calls this on its fixed point)."""

@@ -14,7 +14,10 @@ Two orderings are used throughout the package:
 from __future__ import annotations
 
 import math
-from functools import cached_property
+
+import torch
+
+from ._wigner import prepare_constants
 
 
 class SphericalLayout:
@@ -30,15 +33,23 @@ class SphericalLayout:
         # (lmax + 1 for m = 0, then 2 * (lmax - m + 1): +m and -m)
         self.order_sizes = [lmax - m + 1 for m in range(mmax + 1)]
         self.order_rows = [self.order_sizes[0]] + [2 * d for d in self.order_sizes[1:]]
+        self.edge_lm = self._edge_lm()  # (l, m) of every coefficient of the edge layout, in order
+        self.edge_from_degree_blocks = self._edge_from_degree_blocks()
+        self.degree_of_node_coefficient = [l for l in range(lmax + 1) for _ in range(2 * l + 1)]  # [K]
+        # what every EdgeRotation needs, as tensors (torch.compile reads them as constants): the
+        # edge-layout columns of the per-degree blocks and each node row's truncation rescale
+        self.edge_columns = torch.tensor(self.edge_from_degree_blocks)  # [K_e]
+        self.node_rescale = torch.tensor(
+            [self.truncation_rescale(l) for l in self.degree_of_node_coefficient], dtype=torch.float64
+        )  # [K]
+        prepare_constants(lmax)  # the Wigner constants of these degrees, built before any tracing
 
     @property
     def num_coefficients(self) -> int:
         """K: coefficients of the node layout."""
         return (self.lmax + 1) ** 2
 
-    @cached_property
-    def edge_lm(self) -> list[tuple[int, int]]:
-        """(l, m) of every coefficient of the edge layout, in order."""
+    def _edge_lm(self) -> list[tuple[int, int]]:
         lm = [(l, 0) for l in range(self.lmax + 1)]
         for m in range(1, self.mmax + 1):
             lm += [(l, m) for l in range(m, self.lmax + 1)]
@@ -55,8 +66,7 @@ class SphericalLayout:
         mm = min(l, self.mmax)
         return list(range(-mm, mm + 1))
 
-    @cached_property
-    def edge_from_degree_blocks(self) -> list[int]:
+    def _edge_from_degree_blocks(self) -> list[int]:
         """Permutation taking the concatenation of per-degree truncated blocks (l ascending,
         m ascending within a degree) to the edge layout: ``edge = blocks[:, perm]``."""
         block_pos = {}
@@ -81,11 +91,6 @@ class SphericalLayout:
         if l <= self.mmax or self.lmax == self.mmax:
             return 1.0
         return math.sqrt((2 * l + 1) / (2 * self.mmax + 1))
-
-    @cached_property
-    def degree_of_node_coefficient(self) -> list[int]:
-        """l of each node-layout coefficient (length K)."""
-        return [l for l in range(self.lmax + 1) for _ in range(2 * l + 1)]
 
     def __repr__(self) -> str:
         return f"SphericalLayout(lmax={self.lmax}, mmax={self.mmax})"

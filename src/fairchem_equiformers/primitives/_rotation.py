@@ -95,12 +95,9 @@ class EdgeRotation:
         for block in blocks:
             diagonal.append(nn.functional.pad(block, (start, width - start - block.shape[2])))
             start += block.shape[2]
-        diagonal = torch.cat(diagonal, dim=1)[:, :, layout.edge_from_degree_blocks]  # edge-layout columns
-        rescale = torch.tensor(
-            [layout.truncation_rescale(l) for l in layout.degree_of_node_coefficient],
-            dtype=diagonal.dtype,
-            device=diagonal.device,
-        )
+        columns = layout.edge_columns.to(diagonal[0].device)  # [K_e]
+        diagonal = torch.cat(diagonal, dim=1).index_select(2, columns)  # edge-layout columns
+        rescale = layout.node_rescale.to(dtype=diagonal.dtype, device=diagonal.device)  # [K]
         self.to_edge_matrix = diagonal.transpose(1, 2).contiguous()  # [E, K_e, K]
         self.from_edge_matrix = diagonal * rescale[:, None]  # [E, K, K_e]
 

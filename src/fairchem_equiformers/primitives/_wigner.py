@@ -32,22 +32,33 @@ from functools import cache
 import torch
 from e3nn import o3
 
+# Constant matrices per degree, built in eager mode (``prepare_constants``, called by every
+# ``SphericalLayout``) and then only read: torch.compile reads a global dict as constants, where a
+# call into the builders (which switch the default dtype) would break the graph.
+_SWAP: dict[int, torch.Tensor] = {}
+_TILT: dict[int, torch.Tensor] = {}
+
 
 @torch._dynamo.disable  # it switches the default dtype, which torch.compile must not trace
-@cache
+def _float64(build, *args) -> torch.Tensor:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return build(*args).contiguous()
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def swap_matrix(l: int) -> torch.Tensor:
     """J_l ``[2l+1, 2l+1]`` in float64: e3nn's Wigner-D of Euler angles (pi/2, pi/2, pi/2).
 
     e3nn builds the matrix from its so(3) generators in the default dtype; they are built here in
     float64 (from float32 generators the entries would be 1e-7 off), so ``Y(R v) = J Y(v)`` holds
     to float64 round-off (measured 9e-15 at l = 10)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        half_pi = torch.tensor(math.pi / 2)
-        return o3.wigner_D(l, half_pi, half_pi, half_pi).contiguous()
-    finally:
-        torch.set_default_dtype(previous)
+    if l not in _SWAP:
+        half_pi = math.pi / 2
+        _SWAP[l] = _float64(lambda: o3.wigner_D(l, *(torch.tensor(half_pi),) * 3))
+    return _SWAP[l]
 
 
 # The frame's poles are the edges along +-FRAME_POLE (a unit vector).
@@ -68,16 +79,18 @@ def frame_tilt() -> torch.Tensor:
     return torch.eye(3, dtype=torch.float64) + sin * cross + (1 - cos) * cross @ cross
 
 
-@torch._dynamo.disable  # e3nn builds it in the default dtype, switched here to float64
-@cache
 def tilt_wigner(l: int) -> torch.Tensor:
     """``D_l(Q) [2l+1, 2l+1]`` float64: ``Y_l(Q v) = D_l(Q) Y_l(v)``."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return o3.Irrep(l, 1).D_from_matrix(frame_tilt()).contiguous()
-    finally:
-        torch.set_default_dtype(previous)
+    if l not in _TILT:
+        _TILT[l] = _float64(lambda: o3.Irrep(l, 1).D_from_matrix(frame_tilt()))
+    return _TILT[l]
+
+
+def prepare_constants(lmax: int) -> None:
+    """Build the constant matrices of degrees 0..lmax (in eager mode, before any tracing)."""
+    for l in range(lmax + 1):
+        swap_matrix(l)
+        tilt_wigner(l)
 
 
 def multiple_angles(cos: torch.Tensor, sin: torch.Tensor, lmax: int):

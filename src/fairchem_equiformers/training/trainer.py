@@ -33,6 +33,10 @@ losses, evaluation, logging and distributed training are the host's):
   loads after it and wins;
 * a training set with ``set_epoch`` (``NoisyNodesLmdbDataset``) is told the epoch before each
   one, which switches on and seeds its perturbations (val/test sets are never told);
+* ``optim.use_compile`` (the official EquiformerV3 key): the model compiled in place with
+  ``torch.compile`` (inductor, automatic dynamic shapes; checkpoints keep their keys), for
+  models with direct forces (a gradient-force model's training differentiates twice, which
+  torch 2.4's compiled autograd cannot: an error says so);
 * DeNS (``optim.use_denoising_pos``, the official EquiformerV3 and fairchem EquiformerV2 keys;
   ``denoising.py``) for the DeNS models: training batches corrupted with the given probability,
   the noise trained beside the forces, DeNS batches' metrics logged apart (``denoising_*``).
@@ -66,7 +70,7 @@ OPTIM_KEYS = {
     "batch_size", "eval_batch_size", "load_balancing", "load_balancing_on_error", "num_workers",
     "optimizer", "optimizer_params", "lr_initial", "scheduler", "scheduler_params", "max_epochs",
     "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
-    "checkpoint_format", "load_datasets_and_model_then_exit", "load_pretrained_weights",
+    "checkpoint_format", "load_datasets_and_model_then_exit", "load_pretrained_weights", "use_compile",
     *denoising.OPTIM_KEYS,
 }  # fmt: skip
 
@@ -171,6 +175,15 @@ class ForcesTrainer(OCPTrainer):
         path = self.config["optim"].get("load_pretrained_weights")
         if path:
             load_pretrained_weights(self._unwrapped_model, path)
+        if self.config["optim"].get("use_compile", False):
+            model = self._unwrapped_model
+            if getattr(model, "conservative", False):
+                raise ValueError(
+                    f"optim.use_compile: {type(model).__name__} returns forces as -dE/dpos, and training "
+                    "them differentiates the compiled model twice, which torch 2.4 cannot (AOTAutograd has "
+                    "no double backward); set use_compile: false (the official gradient recipes do)"
+                )
+            model.compile()  # in place: parameter names and checkpoints unchanged
 
     def load_optimizer(self) -> None:
         optim = self.config["optim"]
