@@ -507,6 +507,9 @@ AUTOCAST_RTOL = {
     "EquiformerV2": (2e-3, 0.15),
     "EquiformerV3": (2e-3, 7e-3),
 }
+# the DeNS models on ordinary batches (other random weights than the plain models'), measured
+# 2026-12-06: EquiformerV2DeNS 2.2e-3 / 3.5e-2, EquiformerV3DeNS 1.9e-4 / 1.4e-3
+AUTOCAST_RTOL |= {"EquiformerV2DeNS": (5e-3, 0.15), "EquiformerV3DeNS": AUTOCAST_RTOL["EquiformerV3"]}
 
 
 @pytest.mark.parametrize("name", MODELS)
