@@ -213,6 +213,7 @@ def main() -> None:
         "--rounds", type=int, default=1, help="alternate the implementations, keep each one's best"
     )
     parser.add_argument("--compile", action="store_true", help="also the plugin under torch.compile")
+    parser.add_argument("--modes", nargs="+", choices=("inference", "train"), default=["inference", "train"])
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -222,19 +223,19 @@ def main() -> None:
 
     errors = run_worker(args, "both", "parity")
     impls = ("official", "ours", "compiled") if args.compile else ("official", "ours")
-    runs = {(impl, mode): [] for mode in ("inference", "train") for impl in impls}
+    runs = {(impl, mode): [] for mode in args.modes for impl in impls}
     for _ in range(args.rounds):
         for impl, mode in runs:
             runs[(impl, mode)].append(run_worker(args, impl, mode))
     best = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
-    first = best[("ours", "inference")]
+    first = best[("ours", args.modes[0])]
     print(f"EquiformerV3 {args.model} ({first['num_params']:,} params), "
           f"batch of {args.structures} structures "
           f"= {first['natoms']} atoms, {args.threads} threads, float32")  # fmt: skip
     print("outputs, plugin vs official (compiled: vs the eager plugin) (max |diff| / max |reference|): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))  # fmt: skip
     print(f"{'mode':<10} {'impl':<9} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9}")
-    for mode in ("inference", "train"):
+    for mode in args.modes:
         for impl in impls:
             r = best[(impl, mode)]
             print(
