@@ -13,13 +13,11 @@ import types
 import pytest
 import torch
 import yaml
-from fairchem.core.common.registry import registry
 from fairchem.core.modules.loss import DDPLoss
 from fairchem.core.modules.normalization.normalizer import Normalizer
 from scipy.spatial.transform import Rotation
 
 from fairchem_equiformers import EquiformerV3, EquiformerV3DeNS
-from fairchem_equiformers.primitives import EdgeRotation
 from fairchem_equiformers.training import denoising
 
 from .conftest import s2ef_config
@@ -30,7 +28,8 @@ from .test_training import make_trainer
 try:
     from equiformer_v3.experimental.trainers import equiformer_v3_dens_trainer as official_trainer
 
-    from .test_equiformer_v3_parity import CONFIGS, PARITY, batch, fixed_frame_vectors, official_frames
+    from .test_equiformer_v3_parity import CONFIGS, PARITY, batch, fixed_frame_vectors
+    from .test_equiformer_v3_parity import twins as parity_twins
 except ImportError:  # the oracle is installed by scripts/test.sh; CI must have it
     if os.environ.get("CI"):
         raise
@@ -60,14 +59,7 @@ def dens_batch(kind: str, mode: str, dtype=torch.float32):
 
 
 def twins(config: dict):
-    torch.manual_seed(0)
-    official = registry.get_model_class("equiformer_v3_dens")(**config)
-    ours = EquiformerV3DeNS(**config)
-    ours.load_state_dict(official.state_dict(), strict=True)
-    ours._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(
-        official_frames.init_edge_rot_mat(vec, use_rotation_mask=not ours.direct_prediction), ours.layout
-    )
-    return official, ours
+    return parity_twins(config, "equiformer_v3_dens", EquiformerV3DeNS)
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

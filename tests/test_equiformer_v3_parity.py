@@ -145,11 +145,11 @@ def batch(kind: str):
     return data_list_collater([AtomsToGraphs(r_edges=False, r_pbc=True).convert(a) for a in structures(kind)])
 
 
-def twins(config: dict):
+def twins(config: dict, official_name: str = "equiformer_v3", model_class: type = EquiformerV3):
     """The official model (seeded random weights) and this package's with its state dict."""
     torch.manual_seed(0)
-    official = registry.get_model_class("equiformer_v3")(**config)
-    ours = EquiformerV3(**config)
+    official = registry.get_model_class(official_name)(**config)
+    ours = model_class(**config)
     ours.load_state_dict(official.state_dict(), strict=True)
     ours._edge_rotation = lambda vec: EdgeRotation.from_rotation_matrices(
         official_frames.init_edge_rot_mat(vec, use_rotation_mask=not ours.direct_prediction), ours.layout
