@@ -67,10 +67,13 @@ class PolynomialEnvelope(nn.Module):
         if exponent < 1:
             raise ValueError(f"envelope exponent must be at least 1, got {exponent}")
         self.exponent = exponent
+        p = float(exponent)  # floats: torch.compile(dynamic=True) would trace an int attribute symbolically
+        self._powers = (p, p + 1, p + 2)
+        self._coefficients = ((p + 1) * (p + 2) / 2, p * (p + 2), p * (p + 1) / 2)
 
     def forward(self, scaled_distance: torch.Tensor) -> torch.Tensor:
-        p, x = self.exponent, scaled_distance
-        value = 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+        x, (a, b, c), (p, q, r) = scaled_distance, self._coefficients, self._powers
+        value = 1 - a * x**p + b * x**q - c * x**r
         return torch.where(x < 1, value, torch.zeros_like(value))
 
     def extra_repr(self) -> str:
