@@ -85,12 +85,15 @@ def worker(args) -> dict:
     config = {**RELEASED, **PRESETS[args.model]}
     torch.manual_seed(0)
     reference = Reference(**config)
+    precision = args.reference_precision if args.impl == "reference" else args.precision
+    # ours in bf16: the model's own key (its blocks under bf16 autocast, float32 geometry and sums)
+    own = {"precision": "bf16"} if precision == "bf16" and args.impl != "reference" else {}
     if args.impl == "conservative":
-        model = EquiformerV2(**config, direct_forces=False)
+        model = EquiformerV2(**config, **own, direct_forces=False)
         model.load_state_dict(reference.state_dict())  # the force head is skipped
         del reference
     elif args.impl == "ours":
-        model = EquiformerV2(**config)
+        model = EquiformerV2(**config, **own)
         model.load_state_dict(reference.state_dict())
         del reference
     else:
@@ -101,7 +104,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     model, batch = model.to(device), batch.to(device)
     cuda = device.type == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    dtype = None if own else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -176,11 +179,17 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-        help="bf16/fp16: torch.autocast around both models (the package's own kernels run float32)",
+        help="bf16: the plugin's model with precision: bf16, the reference under bf16 autocast; "
+        "fp16: float16 autocast around both",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference-precision", choices=["fp32", "bf16", "fp16"],
+        help="the reference's own precision (default: --precision), e.g. fp32 against ours in bf16",
     )  # fmt: skip
     parser.add_argument("--json", help="append the results (one line per mode) to this file")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.reference_precision = args.reference_precision or args.precision
     if args.worker == ["peak", "matmul"]:
         print(json.dumps({"gflops": matmul_peak(args.threads, args.device, args.precision)}))
         return
@@ -199,7 +208,8 @@ def main() -> None:
 def run_worker(args, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
            "--structures", str(args.structures), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision]  # fmt: skip
+           "--threads", str(args.threads), "--device", args.device, "--precision", args.precision,
+           "--reference-precision", args.reference_precision]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -214,7 +224,8 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
     results = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
     first = results[(candidate, "inference")]
     print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
-          f"= {first['natoms']} atoms, {args.device} ({args.threads} threads), {args.precision}")  # fmt: skip
+          f"= {first['natoms']} atoms, {args.device} ({args.threads} threads), {args.precision}"
+          f"{f' (reference {args.reference_precision})' if args.reference_precision != args.precision else ''}")  # fmt: skip
     print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); "
           f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 {args.precision} GEMM, same threads)")  # fmt: skip
     print(
@@ -234,7 +245,7 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
             with open(args.json, "a") as file:
                 file.write(json.dumps({
                     "benchmark": "EquiformerV2", "model": args.model, "device": args.device,
-                    "precision": args.precision, "mode": mode, baseline: base["seconds"],
+                    "precision": args.precision, "reference precision": args.reference_precision, "mode": mode, baseline: base["seconds"],
                     candidate: cand["seconds"], "speed-up": base["seconds"] / cand["seconds"],
                     "memory ratio": cand["peak_mib"] / max(base["peak_mib"], 1e-9),
                 }) + "\n")  # fmt: skip

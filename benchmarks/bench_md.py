@@ -1,7 +1,8 @@
 """MD throughput through the ASE calculator users run (fairchem's ``OCPCalculator`` on a
 checkpoint): velocity-Verlet steps per second and ns/day at 1 fs, for each family's MD-sized
 config, on periodic liquid-water boxes of about 64, 256, 1,000 and 4,000 atoms; direct and
-gradient forces where the family has both; float32 and bf16 autocast; the neighbour search
+gradient forces where the family has both; float32 and bf16 (EquiformerV2 and V3 with their
+model key ``precision: bf16``, the other families under bf16 autocast); the neighbour search
 timed apart (it runs inside every step). Then E2Former against EquiformerV1 (per-edge SO(3)
 tensor products, what E2Former's node-level route replaces) at growing neighbour counts.
 
@@ -75,13 +76,22 @@ def water_box(molecules: int, seed: int = 0) -> Atoms:
     return atoms
 
 
-def calculator(family: str, direct: bool, workdir: Path, device: str = "cpu") -> tuple[OCPCalculator, dict]:
-    """``OCPCalculator`` on a checkpoint of the family's MD config with fresh weights."""
+# families with the model key ``precision: bf16`` (the others run bf16 under autocast)
+PRECISION_KEY = ("EquiformerV2", "EquiformerV3")
+
+
+def calculator(
+    family: str, direct: bool, workdir: Path, device: str = "cpu", bf16: bool = False
+) -> tuple[OCPCalculator, dict]:
+    """``OCPCalculator`` on a checkpoint of the family's MD config with fresh weights (seed 0,
+    the same weights in both precisions)."""
     path, overrides, direct_key = MODELS[family]
     config = yaml.safe_load((ROOT / path).read_text())
     model = {**config["model"], **overrides}
     if direct:
         model[direct_key[0]] = direct_key[1]
+    if bf16 and family in PRECISION_KEY:
+        model["precision"] = "bf16"
     outputs = {key: config["outputs"][key] for key in ("energy", "forces")}
     full = {
         "trainer": config["trainer"], "model": model, "outputs": outputs,
@@ -92,7 +102,7 @@ def calculator(family: str, direct: bool, workdir: Path, device: str = "cpu") ->
     kwargs = dict(model)
     torch.manual_seed(0)
     network = registry.get_model_class(kwargs.pop("name"))(**kwargs)
-    checkpoint = workdir / f"{family}_{'direct' if direct else 'gradient'}.pt"
+    checkpoint = workdir / f"{family}_{'direct' if direct else 'gradient'}_{'bf16' if bf16 else 'fp32'}.pt"
     torch.save(
         {"state_dict": network.state_dict(), "config": full, "normalizers": {}, "ema": None, "amp": None},
         checkpoint,
@@ -122,7 +132,8 @@ def md_seconds_per_step(
     atoms.calc = calc
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
-    with bf16_forward(calc.trainer.model, device) if bf16 else contextlib.nullcontext():
+    autocast = bf16 and calc.trainer.config["model"].get("precision", "fp32") == "fp32"
+    with bf16_forward(calc.trainer.model, device) if autocast else contextlib.nullcontext():
         dynamics.run(1)
         start = time.perf_counter()
         dynamics.run(steps)
@@ -169,8 +180,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.models:
             for direct in (False, True) if MODELS[family][2] else (False,):
-                calc, model = calculator(family, direct, Path(tmp), args.device)
                 for bf16 in (False, True):
+                    calc, model = calculator(family, direct, Path(tmp), args.device, bf16)
                     previous = None
                     for n in sizes:
                         atoms = boxes[n]

@@ -620,47 +620,64 @@ def curve_subset(frames: list, count: int) -> list:
     return [frames[int(i * step)] for i in range(count)]
 
 
+def load_ours(path):
+    """fairchem's ``OCPCalculator`` on a checkpoint, its model in eval mode with the checkpoint's
+    EMA weights (whether or not the trainer applies them itself)."""
+    import torch
+    from fairchem.core.common.relaxation.ase_utils import OCPCalculator
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+
+    calc = OCPCalculator(checkpoint_path=str(path), cpu=True, seed=0)
+    model = calc.trainer._unwrapped_model
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if checkpoint.get("ema") is not None:
+        ema = ExponentialMovingAverage(model.parameters(), checkpoint["ema"]["decay"])
+        ema.load_state_dict(checkpoint["ema"])
+        ema.copy_to()
+    model.eval()
+    return calc
+
+
+def predict_ours(calc, atoms_list: list, stress: bool, batch_size: int = 16) -> dict:
+    """Total energies [frames] (eV, denormalized and referenced in float64), forces [atoms, 3]
+    and, with ``stress``, stresses [frames, 9] of a :func:`load_ours` calculator."""
+    import torch
+    from fairchem.core.datasets import data_list_collater
+
+    trainer = calc.trainer
+    energies, forces, stresses = [], [], []
+    for start in range(0, len(atoms_list), batch_size):
+        chunk = atoms_list[start : start + batch_size]
+        batch = data_list_collater([calc.a2g.convert(a) for a in chunk], otf_graph=True)
+        with torch.no_grad():  # the models enable gradients themselves for -dE/dpos
+            out = trainer._forward(batch)
+        energy = trainer._denorm_preds("energy", out["energy"].detach().double(), batch)
+        energies.append(energy.view(-1))
+        forces.append(trainer._denorm_preds("forces", out["forces"].detach(), batch))
+        if stress and "stress" in out:
+            stresses.append(trainer._denorm_preds("stress", out["stress"].detach(), batch))
+    return {
+        "energy": torch.cat(energies).numpy(),
+        "forces": torch.cat(forces).numpy(),
+        "stress": torch.cat(stresses).numpy() if stresses else None,
+    }
+
+
 def evaluate_ours(jobs: list[tuple[str, dict]], stress: bool, batch_size: int = 16) -> tuple[int, list[dict]]:
     """Test errors of each checkpoint of ``jobs`` ([(path, {set name: frames})]): the checkpoint's
     EMA weights, a float32 model, energies denormalized and referenced in float64. Returns the
     parameter count and one {set name: metrics} per job."""
     import logging
 
-    import torch
-    from fairchem.core.common.relaxation.ase_utils import OCPCalculator
-    from fairchem.core.datasets import data_list_collater
-    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
-
     logging.disable(logging.INFO)  # the calculator logs its whole config
     results, num_params = [], 0
     for path, sets in jobs:
-        calc = OCPCalculator(checkpoint_path=path, cpu=True, seed=0)
-        trainer = calc.trainer
-        model = trainer._unwrapped_model
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if checkpoint.get("ema") is not None:  # whether or not the trainer applies it itself
-            ema = ExponentialMovingAverage(model.parameters(), checkpoint["ema"]["decay"])
-            ema.load_state_dict(checkpoint["ema"])
-            ema.copy_to()
-        model.eval()
-        num_params = sum(p.numel() for p in model.parameters())
+        calc = load_ours(path)
+        num_params = sum(p.numel() for p in calc.trainer._unwrapped_model.parameters())
         metrics = {}
         for name, atoms_list in sets.items():
-            energies, forces, stresses = [], [], []
-            for start in range(0, len(atoms_list), batch_size):
-                chunk = atoms_list[start : start + batch_size]
-                batch = data_list_collater([calc.a2g.convert(a) for a in chunk], otf_graph=True)
-                with torch.no_grad():  # the models enable gradients themselves for -dE/dpos
-                    out = trainer._forward(batch)
-                energy = trainer._denorm_preds("energy", out["energy"].detach().double(), batch)
-                energies.append(energy.view(-1))
-                forces.append(trainer._denorm_preds("forces", out["forces"].detach(), batch))
-                if stress and "stress" in out:
-                    stresses.append(trainer._denorm_preds("stress", out["stress"].detach(), batch))
-            metrics[name] = metrics_of(
-                atoms_list, torch.cat(energies).numpy(), torch.cat(forces).numpy(),
-                torch.cat(stresses).numpy() if stresses else None,
-            )  # fmt: skip
+            out = predict_ours(calc, atoms_list, stress, batch_size)
+            metrics[name] = metrics_of(atoms_list, out["energy"], out["forces"], out["stress"])
         results.append(metrics)
     logging.disable(logging.NOTSET)
     return num_params, results

@@ -150,6 +150,11 @@ class DEQBackbone(nn.Module, BackboneInterface):
         for key in ("embed", "interact", "readout", "interaction_norm", "DROPOUT_KEYS"):
             if not hasattr(backbone_class, key):
                 raise ValueError(f"{backbone_class.__name__} cannot be wrapped by a DEQ: it has no {key}")
+        if config.get("precision", "fp32") != "fp32":
+            raise ValueError(
+                f"precision={config['precision']!r}: a DEQ's fixed-point solve runs in float32 "
+                "(in bf16 it needs several times the iterations)"
+            )
         for dropout in backbone_class.DROPOUT_KEYS:
             if config.pop(dropout, 0.0):
                 raise ValueError(

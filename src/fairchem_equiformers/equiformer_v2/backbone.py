@@ -37,8 +37,10 @@ from fairchem_equiformers.primitives import (
     SphericalLayout,
     build_graph,
     check_common_model_keys,
+    check_precision,
     check_structures,
     equivariant_norm,
+    precision_scope,
     weight_decay_exempt,
 )
 
@@ -117,6 +119,10 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     ``attn_activation``/``ffn_activation`` accept only ``"silu"`` (what the released model
     computes whatever they say); ``use_s2_act_attn`` only ``False``; ``distance_function``
     only ``"gaussian"``; ``lmax_list``/``mmax_list`` a single resolution.
+
+    ``precision``: ``"fp32"`` (default) or ``"bf16"``: the transformer blocks and the direct force
+    head under bf16 autocast (``primitives.precision_scope``); graph geometry, embeddings, the
+    energy and its sum over atoms in float32. Checkpoints are the same either way.
     """
 
     def __init__(
@@ -164,6 +170,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         avg_degree: float | None = None,
         use_energy_lin_ref: bool = False,
         load_energy_lin_ref: bool = False,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         check_common_model_keys(
@@ -186,6 +193,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
                 "use_energy_lin_ref=True needs load_energy_lin_ref=True (the references are parameters)"
             )
         check_gradient_outputs(regress_forces, direct_forces, regress_stress, use_pbc)
+        check_precision(precision)
         if num_sphere_samples is not None:
             logging.info("num_sphere_samples has no effect in EquiformerV2 (accepted for released configs)")
 
@@ -194,6 +202,7 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         self.regress_forces = regress_forces
         self.direct_forces = direct_forces
         self.regress_stress = regress_stress
+        self.precision = precision
         self.otf_graph = otf_graph
         self.max_neighbors = max_neighbors
         self.max_radius = self.cutoff = max_radius
@@ -327,9 +336,10 @@ class EquiformerV2Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         return x, EquiformerV2State(edges, pos, strain)
 
     def interact(self, x: torch.Tensor, state: EquiformerV2State, data) -> torch.Tensor:
-        """The transformer blocks, ``[N, K, C] -> [N, K, C]``."""
-        for block in self.blocks:
-            x = block(x, state.edges, data.batch, len(data.natoms))
+        """The transformer blocks, ``[N, K, C] -> [N, K, C]``, in the model's ``precision``."""
+        with precision_scope(self.precision, x.device):
+            for block in self.blocks:
+                x = block(x, state.edges, data.batch, len(data.natoms))
         return x
 
     def readout(self, x: torch.Tensor, state: EquiformerV2State, data) -> dict[str, torch.Tensor]:

@@ -9,6 +9,8 @@ import torch
 from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 
+from fairchem_equiformers.primitives import accumulation_dtype, precision_scope
+
 from .attention import SO2GraphAttention
 from .backbone import EquiformerV2Backbone, init_weights
 from .feed_forward import FeedForward
@@ -27,6 +29,7 @@ class EquiformerV2EnergyHead(FeedForward, HeadInterface):
 
     def forward(self, data, emb: dict) -> dict[str, torch.Tensor]:
         node_energy = super().forward(emb["node_embedding"])[:, 0, 0]  # [N]
+        node_energy = node_energy.to(accumulation_dtype(node_energy))  # summed in float32 under autocast
         energy = node_energy.new_zeros(len(data.natoms)).index_add_(0, data.batch, node_energy)
         energy = energy / self.avg_num_nodes
         if "node_energy_reference" in emb:
@@ -42,9 +45,13 @@ class EquiformerV2ForceHead(SO2GraphAttention, HeadInterface):
         super().__init__(
             *backbone._attention_args, 1, *backbone._attention_options, 0.0, 1
         )  # output_channels 1, alpha_drop 0, output_degree 1
+        self.precision = backbone.precision
         if not backbone.heads_pending:
             init_weights(self, backbone.weight_init)
 
     def forward(self, data, emb: dict) -> dict[str, torch.Tensor]:
-        forces = super().forward(emb["node_embedding"], emb["graph"])  # [N, 3, 1]
-        return {"forces": forces[:, :, 0].contiguous()}
+        with precision_scope(self.precision, emb["node_embedding"].device):
+            forces = super().forward(emb["node_embedding"], emb["graph"])[:, :, 0]  # [N, 3]
+        if self.precision != "fp32":
+            forces = forces.float()
+        return {"forces": forces.contiguous()}

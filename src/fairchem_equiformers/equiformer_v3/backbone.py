@@ -36,7 +36,9 @@ from fairchem_equiformers.primitives import (
     SphericalLayout,
     build_graph,
     check_common_model_keys,
+    check_precision,
     check_structures,
+    precision_scope,
     weight_decay_exempt,
 )
 
@@ -96,6 +98,10 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
     (as in the official model, where it is a placeholder). A value the model cannot honour
     (an unknown norm or activation name, ``use_grid_mlp`` with a non-grid activation, a
     ``gradient_checkpointing_block_list`` of the wrong length) is a ``ValueError`` naming the key.
+
+    ``precision`` (this package's key): ``"fp32"`` (default) or ``"bf16"``: the transformer blocks
+    and the direct force and stress heads under bf16 autocast (``primitives.precision_scope``);
+    edge frames, embeddings, the energy and its sum over atoms in float32.
     """
 
     def __init__(
@@ -146,6 +152,7 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         avg_num_nodes: float = AVG_NUM_NODES,
         avg_degree: float = AVG_DEGREE,
         enforce_max_neighbors_strictly: bool = True,
+        precision: str = "fp32",
     ) -> None:
         super().__init__()
         check_common_model_keys(
@@ -182,6 +189,8 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
 
         self.use_pbc, self.use_pbc_single, self.otf_graph = use_pbc, use_pbc_single, otf_graph
         self.regress_forces, self.regress_stress = regress_forces, regress_stress
+        check_precision(precision)
+        self.precision = precision
         self.direct_prediction = direct_prediction
         self.direct_forces = direct_prediction  # the name the package's gradient head reads
         self.max_neighbors, self.max_radius, self.cutoff = max_neighbors, max_radius, max_radius
@@ -349,11 +358,12 @@ class EquiformerV3Backbone(nn.Module, GraphModelMixin, BackboneInterface):
         """The transformer blocks, ``[N, K, C] -> [N, K, C]`` (blocks marked in
         ``gradient_checkpointing_block_list`` recompute their activations in the backward)."""
         num_graphs = len(data.natoms)
-        for block, recompute in zip(self.blocks, self.gradient_checkpointing_block_list):
-            if recompute and torch.is_grad_enabled():
-                x = checkpoint(block, x, state.edges, data.batch, num_graphs, use_reentrant=False)
-            else:
-                x = block(x, state.edges, data.batch, num_graphs)
+        with precision_scope(self.precision, x.device):
+            for block, recompute in zip(self.blocks, self.gradient_checkpointing_block_list):
+                if recompute and torch.is_grad_enabled():
+                    x = checkpoint(block, x, state.edges, data.batch, num_graphs, use_reentrant=False)
+                else:
+                    x = block(x, state.edges, data.batch, num_graphs)
         return x
 
     def readout(self, x: torch.Tensor, state: EquiformerV3State, data) -> dict:

@@ -11,6 +11,8 @@ from fairchem.core.common.registry import registry
 from fairchem.core.models.base import HeadInterface
 from torch import nn
 
+from fairchem_equiformers.primitives import accumulation_dtype, precision_scope
+
 from .attention import EquivariantGraphAttention
 from .backbone import EquiformerV3Backbone, init_weights_v3
 from .feed_forward import FeedForwardV3
@@ -37,6 +39,7 @@ class EquiformerV3EnergyHead(nn.Module, HeadInterface):
 
     def forward(self, data, emb: dict) -> dict[str, torch.Tensor]:
         node_energy = self.linear_2(self.act(self.linear_1(emb["node_embedding"][:, 0])))[:, 0]  # [N]
+        node_energy = node_energy.to(accumulation_dtype(node_energy))  # summed in float32 under autocast
         energy = node_energy.new_zeros(len(data.natoms)).index_add_(0, data.batch, node_energy)
         return {"energy": energy / self.avg_num_nodes}
 
@@ -51,11 +54,15 @@ class EquiformerV3ForceHead(EquivariantGraphAttention, HeadInterface):
             **backbone._attention_args, out_channels=1,
             activation="gate" if backbone.use_gate_force_head else "sep_s2",
         )  # fmt: skip
+        self.precision = backbone.precision
         _initialised(self, backbone)
 
     def forward(self, data, emb: dict) -> dict[str, torch.Tensor]:
-        out = super().forward(emb["node_embedding"], emb["graph"])  # [N, K, 1]
-        return {"forces": out[:, 1:4, 0].contiguous()}
+        with precision_scope(self.precision, emb["node_embedding"].device):
+            forces = super().forward(emb["node_embedding"], emb["graph"])[:, 1:4, 0]  # [N, 3]
+        if self.precision != "fp32":
+            forces = forces.float()
+        return {"forces": forces.contiguous()}
 
 
 def stress_from_degrees() -> torch.Tensor:
@@ -87,10 +94,13 @@ class EquiformerV3StressHead(FeedForwardV3, HeadInterface):
             "gate", False,
         )  # fmt: skip
         self.register_buffer("from_degrees", stress_from_degrees(), persistent=False)
+        self.precision = backbone.precision
         _initialised(self, backbone)
 
     def forward(self, data, emb: dict) -> dict[str, torch.Tensor]:
-        coefficients = super().forward(emb["node_embedding"])[:, :9, 0]  # [N, 9] degrees 0..2
+        with precision_scope(self.precision, emb["node_embedding"].device):
+            coefficients = super().forward(emb["node_embedding"])[:, :9, 0]  # [N, 9] degrees 0..2
+        coefficients = coefficients.to(accumulation_dtype(coefficients))  # summed in float32
         num_graphs = len(data.natoms)
         summed = coefficients.new_zeros(num_graphs, 9).index_add_(0, data.batch, coefficients)
         counts = data.natoms.clamp(min=1).to(summed.dtype)  # [B]

@@ -14,6 +14,7 @@ from ._activation import (
     grid_mlp,
     grid_product,
 )
+from ._autocast import PRECISIONS, accumulation_dtype, check_precision, precision_scope
 from ._blocks import row_blocks
 from ._dropout import EquivariantDropout, GraphDropPath
 from ._graph import Graph, build_graph, check_common_model_keys, check_structures, radius_graph_nonperiodic
@@ -85,6 +86,10 @@ __all__ = [
     "row_blocks",
     "check_common_model_keys",
     "check_structures",
-    # training
+    # training, mixed precision
     "weight_decay_exempt",
+    "PRECISIONS",
+    "check_precision",
+    "precision_scope",
+    "accumulation_dtype",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autocast import float32_under_autocast
+from ._autocast import accumulation_dtype, under_autocast
 from ._blocks import row_blocks
 from ._grid import S2Grid
 
@@ -69,7 +69,7 @@ class _GridSiLU(torch.autograd.Function):
     built from differentiable operations when a graph is requested)."""
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def forward(ctx, x, to_grid, from_grid_t):  # x [B, K', C], to_grid [G, K'], from_grid_t [K', G]
         ctx.save_for_backward(x, to_grid, from_grid_t)
         out = x.new_empty(x.shape[0], from_grid_t.shape[0], x.shape[2])
@@ -79,7 +79,7 @@ class _GridSiLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def backward(ctx, grad_out):  # [B, K', C]
         x, to_grid, from_grid_t = ctx.saved_tensors
         chunks = []
@@ -105,7 +105,7 @@ class _GridMLPCore(torch.autograd.Function):
     no bias). Double backward works (differentiable operations when a graph is requested)."""
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def forward(ctx, h, to_grid, from_grid_t, w2):  # h [B, K, H]
         ctx.save_for_backward(h, to_grid, from_grid_t, w2)
         out = h.new_empty(h.shape[0], from_grid_t.shape[0], w2.shape[0])
@@ -116,7 +116,7 @@ class _GridMLPCore(torch.autograd.Function):
         return out
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def backward(ctx, grad_out):  # [B, K, H]
         h, to_grid, from_grid_t, w2 = ctx.saved_tensors
         grad_h, grad_w2 = [], 0
@@ -125,7 +125,7 @@ class _GridMLPCore(torch.autograd.Function):
             act_1 = nn.functional.silu(pre_1)
             pre_2 = nn.functional.linear(act_1, w2)
             grad_pre_2 = _silu_grad(from_grid_t.T @ grad_out[rows], pre_2)  # [b, G, H]
-            grad_w2 = grad_w2 + grad_pre_2.flatten(0, 1).T @ act_1.flatten(0, 1)
+            grad_w2 = grad_w2 + (grad_pre_2.flatten(0, 1).T @ act_1.flatten(0, 1)).to(accumulation_dtype(h))
             grad_pre_1 = _silu_grad(grad_pre_2 @ w2, pre_1)
             grad_h.append(to_grid.T @ grad_pre_1)  # [b, K, H]
         return torch.cat(grad_h), None, None, grad_w2
@@ -154,7 +154,7 @@ class _GridProduct(torch.autograd.Function):
     function again, and double backward (conservative forces in training) comes for free."""
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def forward(ctx, u, v, m1, m2, m3):  # u, v [B, K_in, C]; m1, m2 [G, K_in]; m3 [K_out, G]
         ctx.save_for_backward(u, v, m1, m2, m3)
         out = u.new_empty(u.shape[0], m3.shape[0], u.shape[2])
@@ -163,7 +163,7 @@ class _GridProduct(torch.autograd.Function):
         return out
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def backward(ctx, grad_out):  # [B, K_out, C]
         u, v, m1, m2, m3 = ctx.saved_tensors
         grad_u = grad_v = None

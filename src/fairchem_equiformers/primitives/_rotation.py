@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autocast import float32_under_autocast
+from ._autocast import accumulation_dtype, under_autocast
 from ._blocks import row_blocks
 from ._layout import SphericalLayout
 from ._wigner import (
@@ -35,7 +35,7 @@ class _GatherToEdge(torch.autograd.Function):
     the backward is made of differentiable operations."""
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def forward(ctx, x, matrix, source, target, group_rows):  # x [N, K, C], matrix [E, K_e, K]
         ctx.save_for_backward(x, matrix, source, target)
         channels = x.shape[2]
@@ -48,19 +48,20 @@ class _GatherToEdge(torch.autograd.Function):
         return tuple(groups)
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def backward(ctx, *grad_groups):  # [E, rows, 2C] each
         x, matrix, source, target = ctx.saved_tensors
         channels = x.shape[2]
-        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        # summed over edges in float32 under autocast
+        grad_x = x.new_zeros(x.shape, dtype=accumulation_dtype(x)) if ctx.needs_input_grad[0] else None
         grad_matrix = [] if ctx.needs_input_grad[1] else None
         for edges in _edge_blocks(matrix.shape[0], x.shape[1] * channels):
             grad = torch.cat([g[edges] for g in grad_groups], dim=1)  # [e, K_e, 2C]
             grad_source, grad_target = grad.split(channels, dim=2)
             if grad_x is not None:
                 matrix_t = matrix[edges].transpose(1, 2)  # [e, K, K_e]
-                grad_x.index_add_(0, source[edges], matrix_t @ grad_source)
-                grad_x.index_add_(0, target[edges], matrix_t @ grad_target)
+                grad_x.index_add_(0, source[edges], (matrix_t @ grad_source).to(grad_x.dtype))
+                grad_x.index_add_(0, target[edges], (matrix_t @ grad_target).to(grad_x.dtype))
             if grad_matrix is not None:
                 grad_matrix.append(
                     grad_source @ x.index_select(0, source[edges]).transpose(1, 2)

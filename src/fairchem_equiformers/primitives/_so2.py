@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._autocast import float32_under_autocast
+from ._autocast import autocast_dtype, under_autocast
 from ._layout import SphericalLayout
 from ._radial import RadialMLP
 
@@ -26,7 +26,7 @@ class _ComplexLinear(torch.autograd.Function):
     backward is made of differentiable operations."""
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def forward(ctx, x, w_real, w_imag, w_sum):  # x [E, 2, K]; w_* [N, K] (w_sum = w_real + w_imag)
         ctx.save_for_backward(x, w_real, w_imag, w_sum)
         x_real, x_imag = x.unbind(1)  # [E, K] each
@@ -42,7 +42,7 @@ class _ComplexLinear(torch.autograd.Function):
         return out  # [E, 2, N]
 
     @staticmethod
-    @float32_under_autocast
+    @under_autocast
     def backward(ctx, grad_out):  # [E, 2, N]
         x, w_real, w_imag, w_sum = ctx.saved_tensors
         needs_x, needs_real, needs_imag, needs_sum = ctx.needs_input_grad
@@ -66,6 +66,20 @@ class _ComplexLinear(torch.autograd.Function):
         if needs_sum:  # x_r + x_i again rather than an [E, K] tensor kept from the forward
             grad_w_sum = g_imag.T @ (x_real + x_imag)
         return grad_x, grad_w_real, grad_w_imag, grad_w_sum
+
+
+def complex_linear(
+    x: torch.Tensor, w_real: torch.Tensor, w_imag: torch.Tensor, w_sum: torch.Tensor
+) -> torch.Tensor:
+    """``(W_r + i W_i)(x_r + i x_i)``: ``x [E, 2, K]`` (real, imaginary rows), ``w_* [N, K]``
+    (``w_sum = w_real + w_imag``) -> ``[E, 2, N]``. In float32 and float64 three real matmuls
+    (:class:`_ComplexLinear`); in half precision one matmul with the real form
+    ``[[W_r, -W_i], [W_i, W_r]]`` (Gauss's ``t3 - t1 - t2`` would cancel digits that bf16 does
+    not have)."""
+    if autocast_dtype(x) is None:
+        return _ComplexLinear.apply(x, w_real, w_imag, w_sum)
+    w = torch.cat([torch.cat([w_real, -w_imag], dim=1), torch.cat([w_imag, w_real], dim=1)])  # [2N, 2K]
+    return (x.flatten(1) @ w.T).view(x.shape[0], 2, w_real.shape[0])
 
 
 class SO2OrderLinear(nn.Module):
@@ -93,7 +107,7 @@ class SO2OrderLinear(nn.Module):
         for several calls."""
         if weights is None:
             weights = self.complex_weights()
-        y = _ComplexLinear.apply(x, *weights)  # [E, 2, D * C_out]
+        y = complex_linear(x, *weights)  # [E, 2, D * C_out]
         return y.view(x.shape[0], 2 * self.num_degrees, self.out_channels)
 
 
@@ -185,5 +199,5 @@ class SO2Convolution(nn.Module):
         for m in range(1, min(degree, self.layout.mmax) + 1):
             start = (degree - m) * c_out  # degree l is the (l - m)-th degree of order m
             w_real, w_imag = (w[start : start + c_out] for w in self.so2_m_conv[m - 1].fc.weight.chunk(2))
-            outputs.append(_ComplexLinear.apply(inputs[m], w_real, w_imag, w_real + w_imag))  # [E, 2, C_out]
+            outputs.append(complex_linear(inputs[m], w_real, w_imag, w_real + w_imag))  # [E, 2, C_out]
         return torch.cat(outputs, dim=1)
