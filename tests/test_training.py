@@ -515,8 +515,8 @@ AUTOCAST_RTOL |= {"EquiformerV2DeNS": (5e-3, 0.15), "EquiformerV3DeNS": AUTOCAST
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_trains_under_autocast(name):
     """What --amp does to a model, here on the CPU: float16 autocast around the forward, the
-    backward outside it. Every family runs (the custom autograd functions and the norms'
-    statistics compute in float32, the rest in half precision where autocast says), stays within
+    backward outside it. Every family runs (the norms' statistics and the sums over edges and
+    atoms in float32; the custom autograd functions and the rest in half precision), stays within
     float16 noise of float32, and every trainable parameter gets a finite gradient (no overflow
     without loss scaling; the DEQs' map parameters get one although the solve ran without autograd)."""
     family = name.split(".")[-1]
@@ -591,7 +591,8 @@ def test_amp_training_on_gpu(emt_database, tmp_path):
     for metric in ("energy_mae", "forces_mae"):
         print(f"{metric}: AMP {amp[metric]['metric']:.6f}, float32 {float32[metric]['metric']:.6f}")
         assert math.isfinite(amp[metric]["metric"])
-        # not yet measured on a GPU; float16 autocast on the CPU: 2.1e-5 (energy), 1.3e-3 (forces)
+        # not yet measured on a GPU; float16 autocast on the CPU, when the package's fused kernels
+        # still ran in float32 (before 2026-12-06): 2.1e-5 (energy), 1.3e-3 (forces)
         assert amp[metric]["metric"] == pytest.approx(float32[metric]["metric"], rel=1e-2)
 
 
