@@ -16,6 +16,14 @@ first). Per data set and model:
 
     python benchmarks/bench_precision.py --datasets 3bpa acac si --models equiformer_v2 equiformer_v3
 
+``--ablation`` instead asks where bf16's force differences come from: the bf16 model with parts of
+it run in float32 (``--parts``: module classes of the model, every instance's ``forward``, or
+``EdgeRotation``, the rotations into and out of the edge frames; ``+`` joins parts), on the first
+test file, each against the fp32 model: the mean and largest force difference, its share of the
+force MAE, and the inference time against fp32's.
+
+    python benchmarks/bench_precision.py --ablation --datasets acac --models equiformer_v2
+
 Run it alone: bf16 on the CPU's matrix units suffers more than fp32 from a competing process.
 
 Prints a markdown table; ``--out`` also writes it to a file.
@@ -24,7 +32,9 @@ Prints a markdown table; ``--out`` also writes it to a file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import logging
 import tempfile
 import time
@@ -35,6 +45,85 @@ import torch
 from bench_real_data import DATASETS, ROOT, load_ours, metrics_of, predict_ours, read_frames
 
 PRECISIONS = ("fp32", "bf16")
+# --ablation's default parts, per family (class names absent from a model are skipped)
+PARTS = [
+    "RadialMLP",
+    "EdgeRotation",
+    "RadialMLP+EdgeRotation",
+    "SO2Convolution",  # V2
+    "SO2Linear",  # V3
+    "SO2GraphAttention",  # V2
+    "EquivariantGraphAttention",  # V3
+    "FeedForward",  # V2
+    "FeedForwardV3",  # V3
+]
+ROTATIONS = ("gather_to_edge", "to_edge", "from_edge", "from_edge_m0", "from_edge_degree")
+
+
+def _to_float32(value):
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _in_float32(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return method(self, *_to_float32(args), **{k: _to_float32(v) for k, v in kwargs.items()})
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def float32_parts(model: torch.nn.Module, parts: list[str]):
+    """``model`` (under bf16 autocast) with ``parts`` run in float32: module class names (every
+    instance's ``forward``, inputs cast to float32, autocast off) or ``EdgeRotation`` (its
+    rotations)."""
+    from fairchem_equiformers.primitives import EdgeRotation
+
+    classes = {type(m).__name__: type(m) for m in model.modules()}
+    patched = []
+    for part in parts:
+        rotation = part == "EdgeRotation"
+        owner, methods = (EdgeRotation, ROTATIONS) if rotation else (classes[part], ("forward",))
+        for name in methods:
+            patched.append((owner, name, owner.__dict__[name]))
+            setattr(owner, name, _in_float32(owner.__dict__[name]))
+    try:
+        yield
+    finally:
+        for owner, name, method in reversed(patched):
+            setattr(owner, name, method)
+
+
+def ablation(calcs: dict, frames: list, parts: list[str]) -> list[dict]:
+    """Force differences of the bf16 model against the fp32 one with each of ``parts`` (``+``
+    joins) run in float32; the first row is the whole model in bf16."""
+    model = calcs["bf16"].trainer._unwrapped_model
+    present = {type(m).__name__ for m in model.modules()} | {"EdgeRotation"}
+    predict_ours(calcs["fp32"], frames[:16], stress=False)  # warm-up
+    start = time.perf_counter()
+    reference = predict_ours(calcs["fp32"], frames, stress=False)
+    fp32_seconds = time.perf_counter() - start
+    mae = metrics_of(frames, reference["energy"], reference["forces"])["forces_mae"]
+    rows = []
+    for part in ["", *parts]:
+        names = [n for n in part.split("+") if n]
+        if not set(names) <= present:
+            continue
+        with float32_parts(model, names):
+            predict_ours(calcs["bf16"], frames[:16], stress=False)
+            start = time.perf_counter()
+            out = predict_ours(calcs["bf16"], frames, stress=False)
+            seconds = time.perf_counter() - start
+        df = np.abs(out["forces"] - reference["forces"]) * 1000  # meV/A
+        rows.append(dict(
+            part=part or "(none: all bf16)", force_diff_mean=float(df.mean()), force_diff_max=float(df.max()),
+            share=float(df.mean() / mae), seconds=seconds, speedup=fp32_seconds / seconds,
+        ))  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def with_precision(checkpoint: Path, precision: str, out: Path) -> Path:
@@ -91,6 +180,8 @@ def main() -> None:
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
     parser.add_argument("--temperature", type=float, default=300.0, help="K")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ablation", action="store_true", help="where the bf16 differences come from")
+    parser.add_argument("--parts", nargs="+", default=PARTS, help="--ablation's parts run in float32")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,6 +197,13 @@ def main() -> None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 calcs = {p: load_ours(with_precision(checkpoint, p, Path(tmp))) for p in PRECISIONS}
+            if args.ablation:
+                test, path = next(iter(spec["tests"].items()))
+                frames = read_frames(path)
+                frames = frames[: args.frames] if args.frames else frames
+                for row in ablation(calcs, frames, args.parts):
+                    rows.append(dict(row, dataset=dataset, test=test, model=model, frames=len(frames)))
+                continue
             md = None  # once per data set and model, from the first test file's first frame
             for test, path in spec["tests"].items():
                 frames = read_frames(path)
@@ -132,6 +230,29 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
 
+    if args.ablation:
+        lines = [
+            f"bf16 with parts in float32, against fp32 ({args.threads} threads)",
+            "",
+            "| data set / test (frames) | model | float32 parts | bf16 - fp32 forces mean / max (meV/A) "
+            "| share of force MAE | inference s | speed-up over fp32 |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['dataset']} / {r['test']} ({r['frames']}) | {r['model']} | {r['part']} "
+            f"| {r['force_diff_mean']:.2f} / {r['force_diff_max']:.1f} | {r['share']:.2%} "
+            f"| {r['seconds']:.2f} | x{r['speedup']:.2f} |"
+            for r in rows
+        ]
+    else:
+        lines = table_lines(rows, args)
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+def table_lines(rows: list[dict], args) -> list[str]:
     lines = [
         f"bf16 against fp32, same checkpoints ({args.threads} threads; NVE {args.md_steps} steps of "
         f"{args.timestep} fs from {args.temperature:g} K)",
@@ -156,10 +277,7 @@ def main() -> None:
             f"| {md['fp32']['excursion']:.2f} / {md['bf16']['excursion']:.2f} "
             f"| {md['fp32']['shortest']:.2f} / {md['bf16']['shortest']:.2f} |"
         )
-    table = "\n".join(lines)
-    print("\n" + table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    return lines
 
 
 if __name__ == "__main__":

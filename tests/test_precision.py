@@ -11,7 +11,8 @@ import torch
 from ase.build import bulk
 
 from fairchem_equiformers import DEQEquiformerV2, EquiformerV2, EquiformerV3
-from fairchem_equiformers.primitives import EdgeRotation, S2Grid, SphericalLayout, grid_mlp
+from fairchem_equiformers.equiformer_v3.attention import envelope_softmax
+from fairchem_equiformers.primitives import EdgeRotation, S2Grid, SphericalLayout, graph_softmax, grid_mlp
 from fairchem_equiformers.primitives._so2 import SO2OrderLinear
 
 from .conftest import TINY_V2, TINY_V3, slab_with_adsorbate, to_batch
@@ -112,6 +113,45 @@ def test_kernels_run_bf16_and_hand_float32_gradients():
     assert g16.dtype == torch.float32
     # measured 2026-12-06: value 1.2e-4, gradient 1.9e-3
     assert errors[0] < 1e-3 and errors[1] < 1e-2
+
+
+def test_softmax_over_edges_runs_in_float32():
+    """bf16 logits (what an autocast einsum gives) are normalised over each node's 300 edges in
+    float32: each node's weights sum to 1 within float32 rounding (a bf16 sum is off by about
+    1e-3), and the weights equal float32's on the same logits."""
+    torch.manual_seed(0)
+    num_nodes, num_edges = 4, 1200
+    target = torch.arange(num_nodes).repeat_interleave(num_edges // num_nodes)
+    logits = torch.randn(num_edges, 2).bfloat16()  # [E, H]
+    envelope = torch.rand(num_edges, 1)
+    for softmax, args in (
+        (graph_softmax, (target, num_nodes)),
+        (envelope_softmax, (target, num_nodes, None, 0.0, None, 0.0, False)),
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alpha = softmax(logits, *args)
+        expected = softmax(logits.float(), *args)
+        node_sums = torch.zeros(num_nodes, 2).index_add_(0, target, alpha.float())
+        assert alpha.dtype == torch.float32
+        assert (node_sums - 1).abs().max() < 1e-5 and (alpha - expected).abs().max() < 1e-7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alpha = envelope_softmax(logits, target, num_nodes, envelope, 0.0, None, 0.0, False)
+    expected = envelope_softmax(logits.float(), target, num_nodes, envelope, 0.0, None, 0.0, False)
+    assert alpha.dtype == torch.float32 and (alpha - expected).abs().max() < 1e-7
+
+
+def test_bf16_attention_sums_edges_in_float32():
+    """EquiformerV3's attention sums the weighted messages over edges in float32 under bf16: its
+    output projection receives float32 (a bf16 sum over a node's neighbours would lose digits)."""
+    _, bf16 = twins("EquiformerV3", direct=True)
+    dtypes = []
+    hooks = [block.ga.proj.register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+             for block in bf16.blocks]  # fmt: skip
+    with torch.no_grad():
+        bf16(to_batch([slab_with_adsorbate("Cu", "111", "O", seed=0)]))
+    for hook in hooks:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.float32}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

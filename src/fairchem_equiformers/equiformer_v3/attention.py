@@ -27,6 +27,7 @@ from fairchem_equiformers.primitives import (
     SmoothLeakyReLU,
     SO3Linear,
     SphericalLayout,
+    accumulation_dtype,
 )
 
 from .activations import check_activation, halves_channels, has_scalars, make_activation
@@ -59,7 +60,9 @@ def envelope_softmax(
     """Softmax of ``logits: [E, H]`` over the edges of each target node, each exponential
     scaled by the edge's ``envelope [E, 1]`` (a neighbour at the cutoff has no weight) and, in
     training, dropped with probability ``mask_rate`` (survivors rescaled); ``eps`` is added to
-    each node's sum. ``softcap``: logits squashed to ``(-softcap, softcap)`` by tanh first."""
+    each node's sum. ``softcap``: logits squashed to ``(-softcap, softcap)`` by tanh first.
+    Half-precision logits (autocast) are cast to float32 first."""
+    logits = logits.to(accumulation_dtype(logits))
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     index = target[:, None].expand_as(logits)
@@ -227,6 +230,7 @@ class EquivariantGraphAttention(nn.Module):
         message = edges.rotation.from_edge(
             message.view(num_edges, rows, self.num_heads * self.value_channels)
         )  # [E, K, H * V]
+        message = message.to(accumulation_dtype(message))  # summed over edges in float32
         summed = message.new_zeros(edges.num_nodes, *message.shape[1:]).index_add_(
             0, edges.edge_index[1], message
         )
