@@ -1,8 +1,10 @@
-"""The memory allocator's share of a large step: one EquiformerV3 gradient-force step (the MPtrj
-config, energy and -dE/dpos forces) on periodic water boxes, each in a fresh process, with glibc's
-default ``malloc`` and with glibc told to keep freed memory (``KEEP_FREED`` below: no ``mmap`` per
-large tensor, no trimming), so that a step does not page-fault its per-edge tensors anew. Prints
-seconds per step (after one warm-up step), peak resident memory, and the ratios.
+"""The memory allocator's share of a large step: one step of a family's MD-sized model
+(``bench_md.py``'s configs, forces as each config gives them; ``--model``, default EquiformerV3's
+gradient-force MPtrj config; ``--mode training`` adds a loss and its backward) on periodic water
+boxes, each in a fresh process, with glibc's default ``malloc`` and after
+``fairchem_equiformers.keep_freed_memory()`` (no ``mmap`` per large tensor, no trimming), so that a
+step does not page-fault its per-edge tensors anew. Prints seconds per step (the best of
+``--repeats`` after one warm-up step), peak resident memory, and the ratios.
 
     python benchmarks/bench_allocator.py --molecules 21 85 --precision bf16
 """
@@ -19,34 +21,44 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEEP_FREED = {
-    "MALLOC_MMAP_THRESHOLD_": str(16 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
-}
 
 
-def worker(molecules: int, precision: str, threads: int) -> dict:
+def worker(molecules: int, args) -> dict:
     import torch
     import yaml
     from bench_md import MODELS, water_box
     from fairchem.core.datasets import data_list_collater
     from fairchem.core.preprocessing import AtomsToGraphs
 
-    from fairchem_equiformers import EquiformerV3
+    import fairchem_equiformers
+    from fairchem_equiformers import keep_freed_memory
 
-    torch.set_num_threads(threads)
-    path, overrides, _ = MODELS["EquiformerV3"]
+    if args.keep_freed:
+        assert keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    path, overrides, _ = MODELS[args.model]
     config = {**yaml.safe_load((ROOT / path).read_text())["model"], **overrides}
-    config.pop("name")
+    cls = getattr(fairchem_equiformers, config.pop("name").split(".")[-1])
+    if args.precision != "fp32":  # only EquiformerV2 and V3 have the key
+        config["precision"] = args.precision
     atoms = water_box(molecules)
     batch = data_list_collater([AtomsToGraphs(r_edges=False, r_pbc=True).convert(atoms)])
     torch.manual_seed(0)
-    model = EquiformerV3(**config, precision=precision).eval()
-    model(batch)  # warm-up
-    start = time.perf_counter()
-    model(batch)
-    seconds = time.perf_counter() - start
+    model = cls(**config).train(args.mode == "training")
+
+    def step():
+        out = model(batch)
+        if args.mode == "training":
+            model.zero_grad(set_to_none=True)
+            (out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()).backward()
+
+    step()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = min(times)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"atoms": len(atoms), "seconds": seconds, "peak_gb": peak_gb}
 
@@ -57,21 +69,28 @@ def main() -> None:
     )
     parser.add_argument("--molecules", type=int, nargs="+", default=[21, 85], help="water molecules per box")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--model", choices=["EquiformerV2", "EquiformerV1", "E2Former", "EquiformerV3"],
+                        default="EquiformerV3")  # fmt: skip
+    parser.add_argument("--mode", choices=["inference", "training"], default="inference")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.precision, args.threads)))
+        print(json.dumps(worker(args.worker, args)))
         return
-    print(f"EquiformerV3 (MPtrj config) gradient step, {args.precision}, {args.threads} threads")
+    print(f"{args.model} (bench_md.py's config) {args.mode} step, {args.precision}, {args.threads} threads")
     print("| atoms | glibc default s | keep freed s | speed-up | peak GB default | peak GB keep freed |")
     print("|---:|---:|---:|---:|---:|---:|")
     for molecules in args.molecules:
         runs = {}
-        for name, extra in (("default", {}), ("keep", KEEP_FREED)):
+        for name, extra in (("default", []), ("keep", ["--keep-freed"])):
             cmd = [sys.executable, __file__, "--worker", str(molecules), "--precision", args.precision,
-                   "--threads", str(args.threads)]  # fmt: skip
-            env = {**os.environ, **extra, "PYTHONPATH": str(Path(__file__).parent)}
+                   "--threads", str(args.threads), "--mode", args.mode, "--repeats", str(args.repeats),
+                   "--model", args.model,
+                   *extra]  # fmt: skip
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             runs[name] = json.loads(out.strip().splitlines()[-1])
         d, k = runs["default"], runs["keep"]

@@ -20,6 +20,7 @@ backward in training) instead of the reference; ``--forces both`` prints both ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -106,8 +107,15 @@ def worker(args) -> dict:
     cuda = device.type == "cuda"
     dtype = None if own else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
+    parts = args.float32_parts if args.impl != "reference" else []
+    if parts:  # bench_precision's ablation: these parts of our bf16 model in float32
+        from bench_precision import float32_parts
+
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with (
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None),
+            float32_parts(model, parts) if parts else contextlib.nullcontext(),
+        ):
             run_step(model, batch, args.mode)
         if cuda:
             torch.cuda.synchronize()
@@ -186,6 +194,11 @@ def main() -> None:
         "--reference-precision", choices=["fp32", "bf16", "fp16"],
         help="the reference's own precision (default: --precision), e.g. fp32 against ours in bf16",
     )  # fmt: skip
+    parser.add_argument(
+        "--float32-parts", nargs="+", default=[],
+        help="with --precision bf16: these parts of ours in float32 (bench_precision.py --ablation's "
+        "names, e.g. RadialMLP EdgeRotation)",
+    )  # fmt: skip
     parser.add_argument("--json", help="append the results (one line per mode) to this file")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -209,7 +222,8 @@ def run_worker(args, impl: str, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, mode, "--model", args.model,
            "--structures", str(args.structures), "--repeats", str(args.repeats),
            "--threads", str(args.threads), "--device", args.device, "--precision", args.precision,
-           "--reference-precision", args.reference_precision]  # fmt: skip
+           "--reference-precision", args.reference_precision,
+           *(["--float32-parts", *args.float32_parts] if args.float32_parts else [])]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -32,6 +32,7 @@ from .equiformer_v3 import (
     EquiformerV3StressHead,
 )
 from .heads import GradientHead
+from .tools.allocator import keep_freed_memory
 from .training import ForcesTrainer, NoisyNodesLmdbDataset, OC20TotalEnergyLmdbDataset
 
 __all__ = [
@@ -64,5 +65,6 @@ __all__ = [
     "GradientHead",
     "NoisyNodesLmdbDataset",
     "OC20TotalEnergyLmdbDataset",
+    "keep_freed_memory",
 ]
 __version__ = "0.1.0"

@@ -1,1 +1,2 @@
-"""Tools apart from the models: the SLURM launcher, EvalAI submission files and the demo."""
+"""Tools apart from the models: the SLURM launcher, EvalAI submission files, the demo, and the
+memory allocator switch."""

@@ -37,6 +37,9 @@ losses, evaluation, logging and distributed training are the host's):
   ``torch.compile`` (inductor, automatic dynamic shapes; checkpoints keep their keys), for
   models with direct forces (a gradient-force model's training differentiates twice, which
   torch 2.4's compiled autograd cannot: an error says so);
+* ``optim.keep_freed_memory: true``: glibc keeps freed memory for the rest of the run
+  (:func:`fairchem_equiformers.keep_freed_memory`), so CPU training steps reuse their pages
+  instead of page-faulting their per-edge tensors anew; the process keeps its peak memory;
 * DeNS (``optim.use_denoising_pos``, the official EquiformerV3 and fairchem EquiformerV2 keys;
   ``denoising.py``) for the DeNS models: training batches corrupted with the given probability,
   the noise trained beside the forces, DeNS batches' metrics logged apart (``denoising_*``).
@@ -60,6 +63,7 @@ from fairchem.core.trainers import OCPTrainer
 
 from fairchem_equiformers.deq import DEQBackbone
 from fairchem_equiformers.heads.denoising import ForceEncoding
+from fairchem_equiformers.tools.allocator import keep_freed_memory
 
 from . import denoising
 from .param_groups import parameter_groups
@@ -71,7 +75,7 @@ OPTIM_KEYS = {
     "optimizer", "optimizer_params", "lr_initial", "scheduler", "scheduler_params", "max_epochs",
     "clip_grad_norm", "ema_decay", "grad_accumulation_steps", "eval_every", "checkpoint_every",
     "checkpoint_format", "load_datasets_and_model_then_exit", "load_pretrained_weights", "use_compile",
-    *denoising.OPTIM_KEYS,
+    "keep_freed_memory", *denoising.OPTIM_KEYS,
 }  # fmt: skip
 
 
@@ -158,6 +162,8 @@ class ForcesTrainer(OCPTrainer):
     def __init__(self, *args, **kwargs) -> None:
         kwargs["name"] = "s2ef"
         check_optim_keys(kwargs.get("optimizer") or {})
+        if (kwargs.get("optimizer") or {}).get("keep_freed_memory", False):
+            keep_freed_memory()  # before the first step allocates
         super().__init__(*args, **kwargs)
         self.config["trainer"] = "fairchem_equiformers.ForcesTrainer"
         self.denoising = denoising.DenoisingParams.from_optim(self.config["optim"])
