@@ -7,6 +7,9 @@ channels, on-the-fly periodic graph) per atom and per edge, with the search's sh
 search without periodic boundaries (the same atoms as a cluster).
 
     python benchmarks/bench_neighbors.py                 # --threads 1 --reference-max-atoms 2048
+
+The model is timed after one warm-up call at each size; ``--keep-freed`` calls
+``fairchem_equiformers.keep_freed_memory()`` first (``bench_allocator.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fairchem.core.common.utils import radius_graph_pbc
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 
-from fairchem_equiformers import EquiformerV2
+from fairchem_equiformers import EquiformerV2, keep_freed_memory
 from fairchem_equiformers.primitives import radius_graph
 
 REPEATS = [2, 3, 4, 5, 6, 8, 10, 14]  # 4 n^3 atoms: 32 .. 10,976
@@ -56,7 +59,10 @@ def main() -> None:
     )
     parser.add_argument("--model-max-atoms", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep-freed", action="store_true", help="glibc keeps freed memory")
     args = parser.parse_args()
+    if args.keep_freed:
+        assert keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = EquiformerV2(**SMALL_V2).eval()
@@ -82,6 +88,7 @@ def main() -> None:
             row["reference"] = t_ref
             row["same"] = torch.equal(ref_edges, edges) and torch.equal(ref_offsets.float(), offsets)
         if atoms <= args.model_max_atoms:
+            model(batch)  # warm-up at this size
             t_model, _ = best_of(lambda batch=batch: model(batch), max(1, args.repeats - 1))
             row["model"] = t_model
         rows.append(row)
