@@ -11,6 +11,9 @@ step does not depend on them. A size is skipped when the previous size's time pe
 scaled by the atoms, predicts more than ``--max-step-seconds``.
 
     python benchmarks/bench_md.py                     # --threads 1; --quick for a smoke run
+
+``--keep-freed`` calls ``fairchem_equiformers.keep_freed_memory()`` first (what README step 4
+does before MD) and names its results ``md_<date>_keep_freed``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from fairchem.core.common.utils import setup_imports
 from fairchem.core.datasets import data_list_collater
 from fairchem.core.preprocessing import AtomsToGraphs
 
+from fairchem_equiformers import keep_freed_memory
 from fairchem_equiformers.primitives import radius_graph
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,7 +173,11 @@ def main() -> None:
     parser.add_argument("--json", help="append every row to this file (one JSON line each)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--plot", default=str(ROOT / "docs" / "md_throughput.png"))
+    parser.add_argument("--keep-freed", action="store_true", help="glibc keeps freed memory")
+    parser.add_argument("--no-scaling", action="store_true", help="no E2Former against V1 at growing cutoffs")
     args = parser.parse_args()
+    if args.keep_freed:
+        assert keep_freed_memory()
     logging.getLogger().setLevel(logging.ERROR)
     setup_imports()
     torch.set_num_threads(args.threads)
@@ -201,7 +209,7 @@ def main() -> None:
                                 file.write(
                                     json.dumps({"benchmark": "MD", "device": args.device, **row}) + "\n"
                                 )
-        if not args.quick:
+        if not (args.quick or args.no_scaling):
             box = boxes[MOLECULES[0]]
             for cutoff in (3.0, 4.0, 5.0, 6.0):
                 for family in ("EquiformerV1", "E2Former"):
@@ -228,7 +236,8 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
     lines = [
         f"# MD throughput through OCPCalculator ({date})", "",
         f"Command: `python benchmarks/bench_md.py --threads {args.threads} --steps {args.steps} --device {args.device}`"
-        f"{' --quick' if args.quick else ''}. {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        f"{' --quick' if args.quick else ''}{' --keep-freed' if args.keep_freed else ''}"
+        f" --models {' '.join(args.models)}. {platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "Periodic water boxes at 1 g/cm^3, velocity Verlet at 1 fs, random weights; search: the neighbour",
         "search alone (it runs inside each step). ns/day at 1 fs per step.", "",
         "| model | forces | precision | atoms | edges | s/step | steps/s | ns/day | ms/atom | search ms | search share |",
@@ -272,8 +281,9 @@ def report(rows: list[dict], scaling: list[dict], args) -> None:
         return
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"md_{date}.md").write_text(text)
-    (results / f"md_{date}.json").write_text(json.dumps({"rows": rows, "scaling": scaling}, indent=1))
+    name = f"md_{date}{'_keep_freed' if args.keep_freed else ''}"
+    (results / f"{name}.md").write_text(text)
+    (results / f"{name}.json").write_text(json.dumps({"rows": rows, "scaling": scaling}, indent=1))
     plot(rows, args.plot)
 
 

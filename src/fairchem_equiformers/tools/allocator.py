@@ -7,7 +7,8 @@ its whole working set (``benchmarks/bench_allocator.py``: an EquiformerV3 gradie
 atoms spent most of its time there). :func:`keep_freed_memory` serves every allocation from the
 heap and never returns freed memory to the system, so repeated steps of one size (MD, relaxation,
 training) reuse the same pages. The price: the process keeps its peak memory, plus what heap
-fragmentation adds, until it exits.
+fragmentation adds, until it exits; a larger system or another model run next can need its own
+peak on top (kept blocks too small for its tensors stay unused).
 """
 
 from __future__ import annotations
