@@ -17,8 +17,9 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from bench_md import PRECISION_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,7 @@ def worker(molecules: int, args) -> dict:
     import torch
     import yaml
     from bench_md import MODELS, water_box
+    from bench_neighbors import best_of
     from fairchem.core.datasets import data_list_collater
     from fairchem.core.preprocessing import AtomsToGraphs
 
@@ -39,26 +41,21 @@ def worker(molecules: int, args) -> dict:
     path, overrides, _ = MODELS[args.model]
     config = {**yaml.safe_load((ROOT / path).read_text())["model"], **overrides}
     cls = getattr(fairchem_equiformers, config.pop("name").split(".")[-1])
-    if args.precision != "fp32":  # only EquiformerV2 and V3 have the key
+    if args.precision != "fp32":
         config["precision"] = args.precision
     atoms = water_box(molecules)
     batch = data_list_collater([AtomsToGraphs(r_edges=False, r_pbc=True).convert(atoms)])
     torch.manual_seed(0)
     model = cls(**config).train(args.mode == "training")
 
-    def step():
+    def step():  # as a calculator calls the model (gradients on: forces may be -dE/dpos)
         out = model(batch)
         if args.mode == "training":
             model.zero_grad(set_to_none=True)
             (out["energy"].abs().mean() + 100 * out["forces"].norm(dim=-1).mean()).backward()
 
     step()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = min(times)
+    seconds, _ = best_of(step, args.repeats)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"atoms": len(atoms), "seconds": seconds, "peak_gb": peak_gb}
 
@@ -77,6 +74,8 @@ def main() -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--keep-freed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.precision == "bf16" and args.model not in PRECISION_KEY:
+        parser.error(f"--precision bf16: {args.model} has no precision key; use --precision fp32")
     if args.worker:
         print(json.dumps(worker(args.worker, args)))
         return

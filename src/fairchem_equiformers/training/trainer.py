@@ -161,8 +161,9 @@ class ForcesTrainer(OCPTrainer):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["name"] = "s2ef"
-        check_optim_keys(kwargs.get("optimizer") or {})
-        if (kwargs.get("optimizer") or {}).get("keep_freed_memory", False):
+        optim = kwargs.get("optimizer") or {}
+        check_optim_keys(optim)
+        if optim.get("keep_freed_memory", False):
             keep_freed_memory()  # before the first step allocates
         super().__init__(*args, **kwargs)
         self.config["trainer"] = "fairchem_equiformers.ForcesTrainer"
