@@ -6,9 +6,10 @@ per-edge tensors are hundreds of megabytes at a few hundred atoms, so each step 
 its whole working set (``benchmarks/bench_allocator.py``: an EquiformerV3 gradient step on 255
 atoms spent most of its time there). :func:`keep_freed_memory` serves every allocation from the
 heap and never returns freed memory to the system, so repeated steps of one size (MD, relaxation,
-training) reuse the same pages. The price: the process keeps its peak memory, plus what heap
-fragmentation adds, until it exits; a larger system or another model run next can need its own
-peak on top (kept blocks too small for its tensors stay unused).
+training) reuse the same pages once the heap has settled (the first two or three steps may still
+land on fresh pages, behind small blocks allocated in between). The price: the process keeps its
+peak memory, plus what heap fragmentation adds, until it exits; a larger system or another model
+run next can need its own peak on top (kept blocks too small for its tensors stay unused).
 """
 
 from __future__ import annotations
