@@ -1,5 +1,5 @@
 """The demo (the README's main job): from nothing to a trained model, its metrics, an EvalAI
-submission file and a simulation, on a CPU in about ten minutes.
+submission file and a simulation, on a CPU in about four minutes (2 cores).
 
 1. build the embedded OC20-style dataset with EMT (``fairchem-equiformers-data emt``): the
    in-distribution splits, plus three test sets with held-out adsorbates, held-out metals and
