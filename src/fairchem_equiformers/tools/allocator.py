@@ -33,12 +33,10 @@ def keep_freed_memory(top_pad_mb: int = 1024) -> bool:
     ``False`` (with a warning) where the C library is not glibc (macOS, Windows, musl)."""
     if not 0 <= top_pad_mb < 2048:
         raise ValueError(f"keep_freed_memory: top_pad_mb must be in [0, 2048), got {top_pad_mb}")
-    libc = None
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            libc = None
+    try:
+        libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:
+        libc = None
     if libc is None or not hasattr(libc, "gnu_get_libc_version"):
         logging.warning("keep_freed_memory: the C library is not glibc; memory is managed as before")
         return False
