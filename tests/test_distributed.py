@@ -1,5 +1,6 @@
-"""Multi-process training with the stock CLI (``--num-gpus 2 --cpu``: gloo through elastic
-launch) against one process on the same global batch, and the loggers with the plugin's trainer."""
+"""Multi-process training with ``fairchem-equiformers --num-gpus 2 --cpu`` (fairchem's elastic
+launch with gloo, its rendezvous on a free port) against one process on the same global batch, and
+the loggers with the plugin's trainer."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def train(database: Path, run_dir: Path, ranks: int, logger: dict | None = None)
         "--print-every",
         "1",
     ]
-    return run_fairchem(config, run_dir, *args)
+    return run_fairchem(config, run_dir, *args, cli="fairchem-equiformers")
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

@@ -1,7 +1,15 @@
 """``fairchem-equiformers``: fairchem's CLI, with SLURM working on CPU-only partitions.
 
-It takes exactly the ``fairchem`` command's arguments and runs fairchem's own ``main``. Only
-``--submit`` behaves differently, in two ways:
+It takes exactly the ``fairchem`` command's arguments and runs fairchem's own ``main``, with
+three differences:
+
+* **Local multi-rank runs** (``--num-gpus N`` without ``--submit``): fairchem's elastic launch
+  meets its ranks at torch's fixed rendezvous port 29400, so while anything else on the machine
+  listens there (another local multi-rank run, another job's ``torchrun``) its agent joins that
+  stranger's store and waits forever. Here the rendezvous store listens on a port the system
+  picks for this run alone.
+
+For ``--submit``:
 
 * **CPU-only partitions** (``--submit --cpu``): fairchem requests ``--gpus-per-node`` equal to
   ``--num-gpus`` (an invalid GRES request on a node without GPUs) and, inside the job, always
@@ -29,6 +37,7 @@ from collections.abc import Mapping
 import yaml
 from fairchem.core import _cli
 from fairchem.core.common.flags import flags
+from torch.distributed.launcher.api import LaunchConfig
 
 
 class ClusterRunner(_cli.Runner):
@@ -99,10 +108,19 @@ def sweep_configs(base_config: dict, sweep_file: str) -> list[dict]:
     return configs
 
 
+def launch_config_on_a_free_port(**fields) -> LaunchConfig:
+    """fairchem's local ``LaunchConfig`` with the rendezvous store on a port of its own (port 0:
+    the system picks a free one when the store binds; only this run's agent ever connects to it,
+    its ranks meet at the address the agent hands them)."""
+    return LaunchConfig(**{**fields, "rdzv_endpoint": "localhost:0"})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = flags.get_parser()
     args, overrides = parser.parse_known_args(argv)
-    if args.submit:
+    if not args.submit:
+        _cli.LaunchConfig = launch_config_on_a_free_port
+    else:
         _cli.Runner = ClusterRunner
         _cli.create_grid = sweep_configs
         if args.cpu:
