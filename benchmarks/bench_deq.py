@@ -28,7 +28,7 @@ from fairchem.core.preprocessing import AtomsToGraphs
 
 from fairchem_equiformers import DEQEquiformerV1, DEQEquiformerV2, EquiformerV1, EquiformerV2
 from fairchem_equiformers.data.molecules import md_frames
-from fairchem_equiformers.deq.model import DEQMixin
+from fairchem_equiformers.deq.model import DEQBackbone
 
 WIDTH_V2 = dict(
     use_pbc=False, direct_forces=False, max_radius=5.0, max_neighbors=100, sphere_channels=32,
@@ -94,7 +94,7 @@ def train(model, train_data, steps, energy_mean, energy_std, force_std, seed=0):
         optimizer.step()
         schedule.step()
         step_times.append(time.perf_counter() - start)
-        if isinstance(model, DEQMixin):
+        if isinstance(model, DEQBackbone):
             iterations.append(model.deq_stats["iterations"])
     return float(np.median(step_times)), float(np.mean(iterations)) if iterations else None
 
@@ -116,7 +116,7 @@ def activation_memory(model, data, device) -> tuple[int, int | None]:
 def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
     """Force MAE (eV/A) and seconds per frame, one frame per call in trajectory order."""
     model.eval()
-    if isinstance(model, DEQMixin):
+    if isinstance(model, DEQBackbone):
         model.reuse_fixed_point = reuse
         model.reset_fixed_point()
     errors, times, iterations = [], [], []
@@ -126,7 +126,7 @@ def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
         out = model(batch)
         times.append(time.perf_counter() - start)
         errors.append((out["forces"].detach() * force_std - batch.forces).abs().mean().item())
-        if isinstance(model, DEQMixin):
+        if isinstance(model, DEQBackbone):
             iterations.append(model.deq_stats["iterations"])
     return (
         float(np.mean(errors)),
@@ -173,7 +173,7 @@ def main(argv=None) -> None:
         mae, infer, iterations = evaluate(model, test_data, energy_mean, energy_std, force_std)
         row = dict(name=name, params=sum(p.numel() for p in model.parameters()), mae=mae, saved=saved,
                    peak=peak, step=step_time, infer=infer, iterations=iterations)  # fmt: skip
-        if isinstance(model, DEQMixin):
+        if isinstance(model, DEQBackbone):
             _, row["infer_reuse"], row["iterations_reuse"] = evaluate(
                 model, test_data, energy_mean, energy_std, force_std, reuse=True
             )
@@ -191,8 +191,8 @@ def main(argv=None) -> None:
         model = explicit_class(num_layers=layers, **explicit_extra, **width).to(device)
         run(f"explicit, {layers} layer{'s' * (layers > 1)}", model)
 
-    print(f"\n{args.family}: {args.molecule}, {len(train_data)} training frames, {args.steps} steps of 4, device {device}; "
-          f"DEQ mean solver iterations in training {train_iterations:.1f}")  # fmt: skip
+    print(f"\n{args.family}: {args.molecule}, {len(train_data)} training frames, {args.steps} steps of 4, "
+          f"device {device}; DEQ mean solver iterations in training {train_iterations:.1f}")  # fmt: skip
     print("| model | params | force MAE (eV/A) | train activations (MB) | train step (s) | "
           "inference (ms/frame) | with reuse (ms/frame) | solver iterations (reuse) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")

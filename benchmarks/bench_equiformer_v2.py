@@ -237,14 +237,14 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
             runs[(impl, mode)].append(run_worker(args, impl, mode))
     results = {key: min(rs, key=lambda r: r["seconds"]) for key, rs in runs.items()}
     first = results[(candidate, "inference")]
+    reference = args.reference_precision
     print(f"EquiformerV2 {args.model} ({first['num_params']:,} params), batch of {args.structures} slabs "
           f"= {first['natoms']} atoms, {args.device} ({args.threads} threads), {args.precision}"
-          f"{f' (reference {args.reference_precision})' if args.reference_precision != args.precision else ''}")  # fmt: skip
-    print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); "
-          f"machine matmul peak {peak_gflops:.0f} GFLOP/s (3072^2 {args.precision} GEMM, same threads)")  # fmt: skip
-    print(
-        f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} {'GFLOP/s':>8} {'of peak':>8}"
-    )
+          f"{f' (reference {reference})' if reference != args.precision else ''}")  # fmt: skip
+    print(f"useful work: the {candidate} model's matmul FLOPs per step (FlopCounterMode); machine matmul "
+          f"peak {peak_gflops:.0f} GFLOP/s (3072^2 {args.precision} GEMM, same threads)")  # fmt: skip
+    print(f"{'mode':<10} {'impl':<13} {'s/step':>8} {'atoms/s':>9} {'peak MiB':>9} "
+          f"{'GFLOP/s':>8} {'of peak':>8}")  # fmt: skip
     for mode in ("inference", "train"):
         useful = results[(candidate, mode)]["flops"]
         for impl in (baseline, candidate):
@@ -259,8 +259,9 @@ def compare(args, baseline: str, candidate: str, peak_gflops: float) -> None:
             with open(args.json, "a") as file:
                 file.write(json.dumps({
                     "benchmark": "EquiformerV2", "model": args.model, "device": args.device,
-                    "precision": args.precision, "reference precision": args.reference_precision, "mode": mode, baseline: base["seconds"],
-                    candidate: cand["seconds"], "speed-up": base["seconds"] / cand["seconds"],
+                    "precision": args.precision, "reference precision": reference, "mode": mode,
+                    baseline: base["seconds"], candidate: cand["seconds"],
+                    "speed-up": base["seconds"] / cand["seconds"],
                     "memory ratio": cand["peak_mib"] / max(base["peak_mib"], 1e-9),
                 }) + "\n")  # fmt: skip
         print(f"{mode:<10} {'ratio':<13} {candidate} takes x{cand['seconds'] / base['seconds']:.2f} the time "

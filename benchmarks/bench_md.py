@@ -100,7 +100,9 @@ def calculator(
     full = {
         "trainer": config["trainer"], "model": model, "outputs": outputs,
         "loss_functions": [l for l in config["loss_functions"] if next(iter(l)) in outputs],
-        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae"]}, "primary_metric": "forces_mae"},
+        "evaluation_metrics": {
+            "metrics": {"energy": ["mae"], "forces": ["mae"]}, "primary_metric": "forces_mae"
+        },
         "optim": config.get("optim", {}), "dataset": {"src": "none"}, "task": {}, "cmd": {"seed": 0},
     }  # fmt: skip
     kwargs = dict(model)
@@ -231,50 +233,64 @@ def main() -> None:
     report(rows, scaling, args)
 
 
+def table_row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def report(rows: list[dict], scaling: list[dict], args) -> None:
     date = datetime.date.today().isoformat()
+    command = f"python benchmarks/bench_md.py --threads {args.threads} --steps {args.steps}"
+    command += f" --device {args.device}{' --quick' * args.quick}{' --keep-freed' * args.keep_freed}"
+    command += f" --models {' '.join(args.models)}"
+    columns = ("model", "forces", "precision", "atoms", "edges", "s/step", "steps/s", "ns/day", "ms/atom")
     lines = [
         f"# MD throughput through OCPCalculator ({date})", "",
-        f"Command: `python benchmarks/bench_md.py --threads {args.threads} --steps {args.steps} --device {args.device}`"
-        f"{' --quick' if args.quick else ''}{' --keep-freed' if args.keep_freed else ''}"
-        f" --models {' '.join(args.models)}. {platform.processor() or platform.machine()}, torch {torch.__version__}.",
+        f"Command: `{command}`. {platform.processor() or platform.machine()}, torch {torch.__version__}.",
         "Periodic water boxes at 1 g/cm^3, velocity Verlet at 1 fs, random weights; search: the neighbour",
         "search alone (it runs inside each step). ns/day at 1 fs per step.", "",
-        "| model | forces | precision | atoms | edges | s/step | steps/s | ns/day | ms/atom | search ms | search share |",
+        table_row(*columns, "search ms", "search share"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
+        system = (r["model"], r["forces"], r["precision"], f"{r['atoms']:,}")
         if r.get("skipped"):
-            lines.append(
-                f"| {r['model']} | {r['forces']} | {r['precision']} | {r['atoms']:,} | | skipped (> {args.max_step_seconds:g} s predicted) | | | | | |"
-            )
+            skipped = f"skipped (> {args.max_step_seconds:g} s predicted)"
+            lines.append(table_row(*system, "", skipped, *[""] * 5))
             continue
         rate = 1 / r["seconds"]
         lines.append(
-            f"| {r['model']} | {r['forces']} | {r['precision']} | {r['atoms']:,} | {r['edges']:,} | {r['seconds']:.3f} | "
-            f"{rate:.2f} | {rate * 86400 * 1e-6:.4f} | {1e3 * r['seconds'] / r['atoms']:.2f} | {1e3 * r['search']:.1f} | "
-            f"{r['search'] / r['seconds']:.1%} |"
-        )
+            table_row(
+                *system, f"{r['edges']:,}", f"{r['seconds']:.3f}", f"{rate:.2f}",
+                f"{rate * 86400 * 1e-6:.4f}", f"{1e3 * r['seconds'] / r['atoms']:.2f}",
+                f"{1e3 * r['search']:.1f}", f"{r['search'] / r['seconds']:.1%}",
+            )
+        )  # fmt: skip
     fp32 = {
         (r["model"], r["forces"], r["atoms"]): r for r in rows if r["precision"] == "fp32" and "seconds" in r
     }
+    bf16 = [r for r in rows if r["precision"] == "bf16" and "seconds" in r]
     ratios = [
-        f"{r['model']} {r['forces']} {r['atoms']}: x{fp32[(r['model'], r['forces'], r['atoms'])]['seconds'] / r['seconds']:.2f}"
-        for r in rows
-        if r["precision"] == "bf16" and "seconds" in r and (r["model"], r["forces"], r["atoms"]) in fp32
+        f"{r['model']} {r['forces']} {r['atoms']}: x{fp32[key]['seconds'] / r['seconds']:.2f}"
+        for r in bf16
+        if (key := (r["model"], r["forces"], r["atoms"])) in fp32
     ]
     lines += ["", "bf16 autocast speed-up over fp32 (same model, same box): " + "; ".join(ratios)]
     if scaling:
-        lines += ["", f"E2Former against EquiformerV1, gradient forces, fp32, {MOLECULES[0] * 3} atoms, growing cutoff:", "",
-                  "| cutoff A | neighbours per atom | EquiformerV1 s/step | E2Former s/step | V1 / E2Former |", "|---:|---:|---:|---:|---:|"]  # fmt: skip
+        atoms = MOLECULES[0] * 3
+        title = f"E2Former against EquiformerV1, gradient forces, fp32, {atoms} atoms, growing cutoff:"
+        columns = ("cutoff A", "neighbours per atom", "EquiformerV1 s/step", "E2Former s/step")
+        lines += ["", title, "", table_row(*columns, "V1 / E2Former"), "|---:|---:|---:|---:|---:|"]
         for cutoff in sorted({s["cutoff"] for s in scaling}):
             v1, e2 = (
                 next(s for s in scaling if s["cutoff"] == cutoff and s["model"] == m)
                 for m in ("EquiformerV1", "E2Former")
             )
             lines.append(
-                f"| {cutoff:g} | {v1['neighbours']:.1f} | {v1['seconds']:.3f} | {e2['seconds']:.3f} | x{v1['seconds'] / e2['seconds']:.2f} |"
-            )
+                table_row(
+                    f"{cutoff:g}", f"{v1['neighbours']:.1f}", f"{v1['seconds']:.3f}", f"{e2['seconds']:.3f}",
+                    f"x{v1['seconds'] / e2['seconds']:.2f}",
+                )
+            )  # fmt: skip
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.quick:

@@ -78,8 +78,8 @@ def run(args, impl: str, mode: str, size, max_neighbors: int) -> dict:
 
 def table(args, title: str, points: list[tuple[tuple[int, int, int], int]]) -> None:
     print(f"\n{title}")
-    print(f"{'atoms':>6} {'edges':>7} {'max_nb':>6} | {'mode':<9} {'s/step':>8} {'graph s':>8} {'us/edge':>8} {'MiB':>7}"
-          f" | {'ref s/step':>10} {'ref MiB':>8} {'ref/ours':>8}")  # fmt: skip
+    print(f"{'atoms':>6} {'edges':>7} {'max_nb':>6} | {'mode':<9} {'s/step':>8} {'graph s':>8} "
+          f"{'us/edge':>8} {'MiB':>7} | {'ref s/step':>10} {'ref MiB':>8} {'ref/ours':>8}")  # fmt: skip
     for mode in ("inference", "train"):
         for size, max_neighbors in points:
             atoms = size[0] * size[1] * size[2] + 2
@@ -90,8 +90,9 @@ def table(args, title: str, points: list[tuple[tuple[int, int, int], int]]) -> N
                 print(f"{atoms:6d} {'':>7} {max_neighbors:6d} | {mode:<9} {ours['error']}")
                 continue
             per_edge = 1e6 * (ours["seconds"] - ours["graph_seconds"]) / ours["edges"]
-            line = (f"{ours['atoms']:6d} {ours['edges']:7d} {max_neighbors:6d} | {mode:<9} {ours['seconds']:8.3f} "
-                    f"{ours['graph_seconds']:8.3f} {per_edge:8.1f} {ours['peak_mib']:7.0f}")  # fmt: skip
+            line = (f"{ours['atoms']:6d} {ours['edges']:7d} {max_neighbors:6d} | {mode:<9} "
+                    f"{ours['seconds']:8.3f} {ours['graph_seconds']:8.3f} {per_edge:8.1f} "
+                    f"{ours['peak_mib']:7.0f}")  # fmt: skip
             if atoms <= args.reference_max_atoms:
                 ref = run(args, "reference", mode, size, max_neighbors)
                 if "error" in ref:
