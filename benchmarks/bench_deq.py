@@ -13,7 +13,12 @@ training step's activation memory (bytes autograd saves for the backward pass, a
 memory on a GPU), the training step time, and the inference time per frame on consecutive
 frames (one structure per call, as in MD); for the DEQ also with fixed-point reuse.
 
+``--gradients ift phantom unrolled phantom:4`` also trains the DEQ with each training gradient
+(``phantom:k``: ``k`` phantom steps) and reports its held-out force MAE in training mode (the
+forces the force loss fits) and at inference (the energy's exact gradient), and its training time.
+
     python benchmarks/bench_deq.py [--family v2|v1] [--molecule ethanol] [--frames 240] [--steps 300]
+        [--gradients ift phantom ...]
 """
 
 from __future__ import annotations
@@ -113,6 +118,16 @@ def activation_memory(model, data, device) -> tuple[int, int | None]:
     return counter.total, peak
 
 
+def force_mae(model, test_data, force_std, training_mode: bool) -> float:
+    """Held-out force MAE (eV/A) in training mode (with the training gradient) or at inference."""
+    model.train(training_mode)
+    errors = [
+        (model(batch_of([data]))["forces"].detach() * force_std - data.forces).abs().mean().item()
+        for data in test_data
+    ]
+    return float(np.mean(errors))
+
+
 def evaluate(model, test_data, energy_mean, energy_std, force_std, reuse=False):
     """Force MAE (eV/A) and seconds per frame, one frame per call in trajectory order."""
     model.eval()
@@ -146,7 +161,14 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps (batch 4)")
     parser.add_argument("--blocks", type=int, default=1, help="transformer blocks inside the DEQ map")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gradients", nargs="*", default=[], help="DEQ training gradients: ift, phantom[:k], unrolled"
+    )
     args = parser.parse_args(argv)
+    choices = {"ift", "phantom", "unrolled"} | {f"phantom:{k}" for k in range(1, 65)}
+    for gradient in args.gradients:
+        if gradient not in choices:
+            parser.error(f"--gradients {gradient}: choose ift, phantom, phantom:<steps> or unrolled")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     start = time.perf_counter()
@@ -202,6 +224,24 @@ def main(argv=None) -> None:
         memory = f"{r['saved'] / 2**20:.1f}" + (f" (peak {r['peak'] / 2**20:.0f})" if r["peak"] else "")
         print(f"| {r['name']} | {r['params']:,} | {r['mae']:.3f} | {memory} | {r['step']:.3f} | "
               f"{1000 * r['infer']:.0f} | {reuse} | {its} |")  # fmt: skip
+
+    if not args.gradients:
+        return
+    table = ["| DEQ training gradient | force MAE in training mode (eV/A) | at inference | training (s) |"]
+    table.append("|---|---:|---:|---:|")
+    for gradient in args.gradients:
+        name, *steps = gradient.split(":")
+        keys = {"gradient": name} | ({"phantom_steps": int(steps[0])} if steps else {})
+        torch.manual_seed(args.seed)
+        model = deq_class(num_layers=args.blocks, **width, **keys).to(device)
+        start = time.perf_counter()
+        train(model, train_data, args.steps, energy_mean, energy_std, force_std)
+        seconds = time.perf_counter() - start
+        in_training = force_mae(model, test_data, force_std, training_mode=True)
+        at_inference = force_mae(model, test_data, force_std, training_mode=False)
+        table.append(f"| {gradient} | {in_training:.3f} | {at_inference:.3f} | {seconds:.0f} |")
+        print(table[-1], flush=True)
+    print("\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -112,8 +112,9 @@ def test_implicit_gradient_equals_unrolled_gradient_at_a_converged_fixed_point()
     # measured 2026-12-06: 2.0e-12
     assert ift_error < 1e-11
     assert phantom_error > 1e-3  # in training the phantom gradient is an approximation
-    eval_error = float((parameter_gradients(deq_model(config), batch) - grads["ift"]).abs().max() / scale)
-    print(f"eval mode, default (phantom) model: gradient error vs IFT {eval_error:.1e}")
+    phantom_model = deq_model(config, gradient="phantom")  # eval mode
+    eval_error = float((parameter_gradients(phantom_model, batch) - grads["ift"]).abs().max() / scale)
+    print(f"eval mode, phantom model: gradient error vs IFT {eval_error:.1e}")
     # measured 2026-12-06: 3.2e-10
     assert eval_error < 1e-9  # at inference every model differentiates implicitly
 
@@ -154,7 +155,7 @@ DEFAULT_FD_TOLERANCE = {"molecule": 1e-7, "slab": 1e-7}
 
 @pytest.mark.parametrize("system", ["molecule", "slab"])
 def test_default_inference_forces_are_the_gradient_of_the_returned_energy(system):
-    """Default DEQ settings (phantom training gradient, default solvers, V1's -dE/dpos forces), eval
+    """Default DEQ settings (implicit training gradient, default solvers, V1's -dE/dpos forces), eval
     mode, float64: central differences (h = 1e-4 A) of the returned energy equal the returned
     forces (before the precise inference solve and implicit gradient: 0.98 relative off)."""
     from .conftest import slab_with_adsorbate
@@ -166,7 +167,7 @@ def test_default_inference_forces_are_the_gradient_of_the_returned_energy(system
         model = deq_model(SLAB_V1)
         batch = to_batch([slab_with_adsorbate("Cu", "111", "O", seed=0)], torch.float64)
         components, h = [(i, i % 3) for i in range(13)] + [(12, 0), (0, 2), (1, 2)], 3e-5
-    assert model.gradient == "phantom" and model.solver_eval is None and not model.direct_forces
+    assert model.gradient == "ift" and model.solver_eval is None and not model.direct_forces
     with warnings.catch_warnings():
         warnings.simplefilter("error", DEQConvergenceWarning)  # the precise solves converge
         worst = finite_difference_error(model, batch, components, h)
@@ -334,7 +335,7 @@ def test_structure_and_defaults():
     assert model.num_params == explicit.num_params + norms
     assert len(model.interaction_blocks) == 2 and model.interaction_blocks[1].shortcut is None
     assert model.blocks[-1].shortcut is not None  # the output block: node irreps -> irreps_feature
-    assert "solver=anderson, gradient=phantom" in repr(model)
+    assert "solver=anderson, gradient=ift" in repr(model)
 
     model = DEQEquiformerV1().double().eval()  # every argument has a default
     out = model(structures(count=1))

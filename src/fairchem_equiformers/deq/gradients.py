@@ -10,9 +10,11 @@
   track_grad=True)``), used by the model directly.
 
 Both functions return the detached fixed point as a leaf (``z_in``, for the Jacobian penalty)
-and the map's first output from it; the IFT backward solve is itself recorded when the backward
-pass is (``create_graph=True``, e.g. force training through ``-dE/dpos``), so second derivatives
-are those of the implicit function too.
+and the map's first output from it. When the backward pass is itself recorded
+(``create_graph=True``: a force loss on ``-dE/dpos``), the IFT's adjoint keeps its solved value,
+so the forces are exact, while its dependence on the parameters is that of its first Neumann
+term (a phantom second derivative): recording every backward iteration instead costs their memory
+and time (``benchmarks/bench_deq.py --gradients``, see ``docs/deq.md``).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ def implicit_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(z_in, y = f(z_in))``; back-propagating through ``y`` gives the implicit gradient.
 
-    The backward fixed point is solved per structure with ``method`` and ``settings`` (plain
-    fixed-point iteration, recorded, when the backward pass is being recorded)."""
+    The backward fixed point is solved per structure with ``method`` and ``settings``, never
+    recorded (see the module docstring for a recorded backward pass)."""
     z_in, out = _first_step(f, z_star)
     if not out.requires_grad:
         return z_in, out
@@ -64,21 +66,21 @@ def implicit_gradient(
         nonlocal solving
         if solving:  # the vector-Jacobian products below pass through this tensor too
             return incoming
-        recorded = torch.is_grad_enabled()
         solving = True
         try:
 
             def transposed_map(g: torch.Tensor) -> torch.Tensor:  # g -> g J + incoming
-                (vjp,) = torch.autograd.grad(out, z_in, g, retain_graph=True, create_graph=recorded)
-                return vjp + incoming
+                (vjp,) = torch.autograd.grad(out, z_in, g, retain_graph=True)
+                return vjp + incoming.detach()
 
             result = solve(
-                transposed_map, incoming, batch, num_graphs, settings,
-                "fixed_point" if recorded else method, structure_ids, track_grad=recorded,
-            )  # fmt: skip
+                transposed_map, incoming.detach(), batch, num_graphs, settings, method, structure_ids
+            )
         finally:
             solving = False
-        return result.z
+        # the adjoint's value as solved; when this backward pass is itself recorded (a force loss
+        # on -dE/dpos), its dependence on the parameters is that of its first Neumann term
+        return incoming + (result.z - incoming).detach()
 
     out.register_hook(backward_fixed_point)
     return z_in, out
