@@ -56,7 +56,7 @@ def implicit_gradient(
     """``(z_in, y = f(z_in))``; back-propagating through ``y`` gives the implicit gradient.
 
     The backward fixed point is solved per structure with ``method`` and ``settings``, never
-    recorded (see the module docstring for a recorded backward pass)."""
+    itself recorded (see the module docstring)."""
     z_in, out = _first_step(f, z_star)
     if not out.requires_grad:
         return z_in, out

@@ -109,17 +109,19 @@ class Anderson:
         self.inputs = [*self.inputs, z][-self.memory :]
         self.outputs = [*self.outputs, fz][-self.memory :]
         outputs = torch.stack(self.outputs)  # [m, N, D]
-        residuals = outputs - torch.stack(self.inputs)  # [m, N, D]
-        per_node = torch.einsum("ind,jnd->nij", residuals, residuals)  # [N, m, m]
-        gram = per_node.new_zeros(self.graphs.num_graphs, *per_node.shape[1:])
-        gram = gram.index_add(0, self.graphs.batch, per_node)  # [B, m, m]
-        m = gram.shape[1]
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)  # [B]
-        ridge = torch.finfo(gram.dtype).eps ** 0.5 * scale + 1e-30
-        identity = torch.eye(m, dtype=gram.dtype, device=gram.device)
-        weights = torch.linalg.solve(gram + ridge[:, None, None] * identity, gram.new_ones(gram.shape[0], m))
-        alpha = weights / weights.sum(dim=1, keepdim=True)  # [B, m], sums to 1 per graph
-        return torch.einsum("nm,mnd->nd", alpha[self.graphs.batch], outputs)
+        # the Gram matrix and its solve in float64, outside autocast (in bfloat16 it is singular)
+        with torch.autocast(z.device.type, enabled=False):
+            residuals = (outputs - torch.stack(self.inputs)).double()  # [m, N, D]
+            per_node = torch.einsum("ind,jnd->nij", residuals, residuals)  # [N, m, m]
+            gram = per_node.new_zeros(self.graphs.num_graphs, *per_node.shape[1:])
+            gram = gram.index_add(0, self.graphs.batch, per_node)  # [B, m, m]
+            m = gram.shape[1]
+            scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1)  # [B]
+            ridge = torch.finfo(outputs.dtype).eps ** 0.5 * scale + 1e-30
+            identity = torch.eye(m, dtype=gram.dtype, device=gram.device)
+            weights = torch.linalg.solve(gram + ridge[:, None, None] * identity, gram.new_ones(len(gram), m))
+            alpha = weights / weights.sum(dim=1, keepdim=True)  # [B, m], sums to 1 per graph
+        return torch.einsum("nm,mnd->nd", alpha[self.graphs.batch].to(outputs.dtype), outputs)
 
 
 class Broyden:
