@@ -185,7 +185,7 @@ class DEQBackbone(nn.Module, BackboneInterface):
                 f"{type(self).__name__}: gradient='phantom' with forces from -dE/dpos: training fits "
                 "the phantom approximation of the forces, inference returns the energy's exact "
                 "gradient, and the two differ (ethanol, 300 steps: held-out force MAE 0.087 eV/A in "
-                "training mode, 0.632 at inference; gradient='ift' 0.075 in both); use gradient: ift "
+                "training mode, 0.632 at inference; gradient='ift' 0.076 in both); use gradient: ift "
                 "(the default) or unrolled",
                 UserWarning,
                 stacklevel=2,
