@@ -109,10 +109,10 @@ class Anderson:
         self.inputs = [*self.inputs, z][-self.memory :]
         self.outputs = [*self.outputs, fz][-self.memory :]
         outputs = torch.stack(self.outputs)  # [m, N, D]
-        # the Gram matrix and its solve in float64, outside autocast (in bfloat16 it is singular)
+        # the Gram matrix outside autocast (in bfloat16 it is singular), its small solve in float64
         with torch.autocast(z.device.type, enabled=False):
-            residuals = (outputs - torch.stack(self.inputs)).double()  # [m, N, D]
-            per_node = torch.einsum("ind,jnd->nij", residuals, residuals)  # [N, m, m]
+            residuals = outputs - torch.stack(self.inputs)  # [m, N, D]
+            per_node = torch.einsum("ind,jnd->nij", residuals, residuals).double()  # [N, m, m]
             gram = per_node.new_zeros(self.graphs.num_graphs, *per_node.shape[1:])
             gram = gram.index_add(0, self.graphs.batch, per_node)  # [B, m, m]
             m = gram.shape[1]
